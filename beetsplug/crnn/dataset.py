@@ -1,0 +1,134 @@
+"""Labelled audio for training and evaluation: records, the log-mel cache, serving-identical windows.
+
+Inputs are a CSV manifest (emotify's metadata.csv format: path, genre, artist, split, ...)
+or a folder per genre (GTZAN style ``genre/file``). Log-mels are computed with the same
+audio and feature code as ``crnnembed`` and cached on disk, so epochs never re-decode.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import audio
+from .audio import HOP_LENGTH, WINDOW_FRAMES, WINDOW_SAMPLES
+from .errors import CrnnError
+from .features import PARAMS, log_mel
+
+SPLITS = ("train", "val", "test")
+AUDIO_EXTS = {".mp3", ".flac", ".ogg", ".oga", ".opus", ".wav", ".aif", ".aiff", ".m4a", ".aac", ".wma"}
+
+
+@dataclass(frozen=True)
+class Record:
+    path: Path
+    genre: str
+    split: str
+    artist: str
+
+
+def read_manifest(path) -> list[Record]:
+    """Records of a CSV manifest; relative paths are relative to the manifest's folder."""
+    path = Path(path)
+    base = path.parent
+    records = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "genre"} - set(reader.fieldnames or ())
+        if missing:
+            raise CrnnError(f"manifest {path} lacks column(s): {', '.join(sorted(missing))}")
+        for row in reader:
+            p = Path(row["path"])
+            split = (row.get("split") or "train").strip().lower()
+            if split not in SPLITS:
+                raise CrnnError(f"manifest {path}: unknown split {split!r} for {p}")
+            records.append(
+                Record(p if p.is_absolute() else base / p, row["genre"].strip().lower(), split, (row.get("artist") or "").strip())
+            )
+    return records
+
+
+def read_folders(root, val_fraction=0.1, test_fraction=0.1) -> list[Record]:
+    """Records of a ``genre/file`` tree. The split is a stable hash of the file name, so it never moves."""
+    root = Path(root)
+    records = []
+    for genre_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(genre_dir.rglob("*")):
+            if f.suffix.lower() not in AUDIO_EXTS or not f.is_file():
+                continue
+            u = zlib.crc32(f.name.encode("utf-8")) / 2**32
+            split = "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+            records.append(Record(f, genre_dir.name.lower(), split, ""))
+    if not records:
+        raise CrnnError(f"no audio files under {root}/<genre>/")
+    return records
+
+
+def read_records(source) -> list[Record]:
+    source = Path(source)
+    if source.is_dir():
+        manifest = source / "metadata.csv"
+        return read_manifest(manifest) if manifest.is_file() else read_folders(source)
+    return read_manifest(source)
+
+
+def genres_of(records) -> list[str]:
+    return sorted({r.genre for r in records})
+
+
+class MelCache:
+    """Whole-clip log-mels on disk as float16, keyed by file identity and preprocessing."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, path: Path) -> Path:
+        st = path.stat()
+        ident = json.dumps([str(path.resolve()), st.st_size, int(st.st_mtime), PARAMS], sort_keys=True)
+        return self.folder / (hashlib.sha1(ident.encode()).hexdigest() + ".npz")
+
+    def get(self, path) -> tuple[np.ndarray, int]:
+        """(log-mel (96, frames) float32, clip length in samples)."""
+        path = Path(path)
+        key = self._key(path)
+        if key.is_file():
+            try:
+                with np.load(key) as data:
+                    return data["mel"].astype(np.float32), int(data["n_samples"])
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged cache entry is recomputed
+        y = audio.load_all(path)
+        n = len(y)
+        mel = log_mel(audio.fit_window(y) if n < WINDOW_SAMPLES else y).astype(np.float16)
+        tmp = key.with_name(key.stem + ".tmp.npz")
+        np.savez(tmp, mel=mel, n_samples=np.int64(n))
+        os.replace(tmp, key)
+        return mel.astype(np.float32), n
+
+    def fill(self, records, workers=2, progress=None) -> None:
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(lambda r: self.get(r.path), records):
+                if progress is not None:
+                    progress()
+
+
+def serving_windows(mel: np.ndarray, n_samples: int, n_windows: int) -> np.ndarray:
+    """The windows crnnembed would analyse, cut from a whole-clip log-mel: (k, 96, 1366)."""
+    starts = audio.plan_windows(n_samples, n_windows)
+    return np.stack([mel[:, s // HOP_LENGTH : s // HOP_LENGTH + WINDOW_FRAMES] for s in starts])
+
+
+def random_crop(mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A hop-aligned random 1366-frame crop (augmentation: a clip gives many windows)."""
+    extra = mel.shape[1] - WINDOW_FRAMES
+    start = int(rng.integers(0, extra + 1)) if extra > 0 else 0
+    return mel[:, start : start + WINDOW_FRAMES]

@@ -1,0 +1,209 @@
+"""The CRNN: find weights -> read and check the model card -> build and load -> embed.
+
+Reading a card is plain JSON (the plugin needs the genre labels at start-up); Keras and
+TensorFlow are imported only when a model is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio import N_MELS, WINDOW_FRAMES
+from .errors import ModelError
+from .features import PARAMS
+
+CARD_NAME = "crnn.json"
+WEIGHTS_NAME = "crnn.weights.h5"
+CARD_FORMAT = 1
+POOLS = ((2, 2), (3, 3), (4, 4), (4, 4))
+DEFAULT_ARCHITECTURE = {"conv_filters": [68, 137, 137, 137], "gru_units": 68, "dropout": 0.1}
+
+
+def quiet_tensorflow() -> None:
+    """TensorFlow prints banners to stderr on import unless told not to."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def default_weights_dir() -> Path:
+    """The shipped model_weights/: package data when installed, the repo folder in a checkout."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("beetsplug.crnn.model_weights")))
+        if (path / CARD_NAME).is_file():
+            return path
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[2] / "model_weights"
+
+
+def find_card(path=None) -> Path:
+    """The card file for a configured path (a card .json or a folder holding crnn.json)."""
+    base = Path(os.path.expanduser(os.fspath(path))) if path else default_weights_dir()
+    card = base / CARD_NAME if base.is_dir() else base
+    if not card.is_file():
+        raise ModelError(f"no model card at {card} (set crnn.model to a folder holding {CARD_NAME}, or train one)")
+    return card
+
+
+def sha256_of(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ModelCard:
+    model_id: str
+    genres: list
+    weights: Path
+    sha256: str
+    architecture: dict = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
+    features: dict = field(default_factory=lambda: dict(PARAMS))
+    extra: dict = field(default_factory=dict)  # training data, command, metrics: carried, not interpreted
+
+    @classmethod
+    def load(cls, path=None) -> "ModelCard":
+        card_path = find_card(path)
+        try:
+            data = json.loads(card_path.read_text("utf-8"))
+            if data.get("format") != CARD_FORMAT:
+                raise ModelError(f"model card {card_path}: unsupported format {data.get('format')!r}")
+            card = cls(
+                model_id=str(data["model_id"]),
+                genres=[str(g) for g in data["genres"]],
+                weights=card_path.parent / data["weights"],
+                sha256=str(data["sha256"]),
+                architecture=dict(data["architecture"]),
+                features=dict(data["features"]),
+                extra={k: v for k, v in data.items() if k not in _CARD_KEYS},
+            )
+        except ModelError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"model card {card_path} is unreadable: {exc!r}") from None
+        if not card.genres:
+            raise ModelError(f"model card {card_path} lists no genres")
+        if card.features != PARAMS:
+            diff = sorted(k for k in set(PARAMS) | set(card.features) if PARAMS.get(k) != card.features.get(k))
+            raise ModelError(f"model card {card_path}: preprocessing differs from this version ({', '.join(diff)})")
+        return card
+
+    def to_json(self) -> dict:
+        data = {
+            "format": CARD_FORMAT,
+            "model_id": self.model_id,
+            "genres": list(self.genres),
+            "weights": self.weights.name,
+            "sha256": self.sha256,
+            "architecture": self.architecture,
+            "features": self.features,
+        }
+        data.update(self.extra)
+        return data
+
+    def save(self, card_path) -> None:
+        card_path = Path(card_path)
+        tmp = card_path.with_name(card_path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n", "utf-8")
+        os.replace(tmp, card_path)
+
+    def verify(self) -> None:
+        """The weights file must be the one the card describes."""
+        if not self.weights.is_file():
+            raise ModelError(f"weights file {self.weights} is missing")
+        actual = sha256_of(self.weights)
+        if actual != self.sha256:
+            raise ModelError(f"weights file {self.weights} does not match its card (sha256 {actual[:12]}…, card says {self.sha256[:12]}…)")
+
+
+_CARD_KEYS = {"format", "model_id", "genres", "weights", "sha256", "architecture", "features"}
+
+
+def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout=0.1, frames=WINDOW_FRAMES):
+    """The paper's CRNN. Returns a Keras model mapping log-mel (b, 96, frames, 1) to (embedding, probs)."""
+    quiet_tensorflow()
+    import keras
+    from keras import layers
+
+    if len(conv_filters) != len(POOLS):
+        raise ModelError(f"the CRNN has {len(POOLS)} conv layers, got {len(conv_filters)} widths")
+    inp = keras.Input((N_MELS, frames, 1), name="logmel")
+    # Per-band standardisation learnt from the data, so the dB scale needs no hand tuning.
+    x = layers.BatchNormalization(axis=1, name="input_norm")(inp)
+    for i, (width, pool) in enumerate(zip(conv_filters, POOLS), 1):
+        x = layers.Conv2D(int(width), 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+        x = layers.MaxPooling2D(pool, name=f"pool{i}")(x)
+        x = layers.Dropout(dropout, name=f"drop{i}")(x)
+    # Frequency has pooled down to 1: the rest is a sequence over time.
+    steps, width = x.shape[2], x.shape[3]
+    x = layers.Reshape((steps, width), name="to_sequence")(x)
+    x = layers.GRU(int(gru_units), return_sequences=True, name="gru1")(x)
+    emb = layers.GRU(int(gru_units), name="gru2")(x)
+    probs = layers.Dense(n_genres, activation="sigmoid", name="genres")(emb)
+    return keras.Model(inp, [emb, probs], name="crnn")
+
+
+def build_for(card: ModelCard):
+    arch = card.architecture
+    return build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch.get("dropout", 0.1))
+
+
+def l2_normalise(v: np.ndarray, axis=-1) -> np.ndarray:
+    norm = np.linalg.norm(v, axis=axis, keepdims=True)
+    return (v / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def pool_track(embeddings: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One track from its windows: mean of unit window embeddings, renormalised; mean probabilities."""
+    return l2_normalise(l2_normalise(embeddings).mean(axis=0)), probs.mean(axis=0).astype(np.float32)
+
+
+class Embedder:
+    """A loaded CRNN with one compiled inference function; call it with batches of log-mels."""
+
+    def __init__(self, card: ModelCard, batch_size: int = 8):
+        card.verify()
+        self.card = card
+        self.batch_size = batch_size
+        quiet_tensorflow()
+        import tensorflow as tf
+
+        self.model = build_for(card)
+        try:
+            self.model.load_weights(str(card.weights))
+        except Exception as exc:
+            raise ModelError(f"weights {card.weights} do not fit the architecture in the card: {exc}") from None
+        model = self.model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, N_MELS, WINDOW_FRAMES, 1], tf.float32)], reduce_retracing=True)
+        def infer(x):
+            emb, probs = model(x, training=False)
+            return emb, probs
+
+        self._infer = infer
+
+    @classmethod
+    def load(cls, path=None, **kwargs) -> "Embedder":
+        return cls(ModelCard.load(path), **kwargs)
+
+    def __call__(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Log-mels (n, 96, 1366) -> unit embeddings (n, d) and genre probabilities (n, g)."""
+        mels = np.asarray(mels, dtype=np.float32)
+        embs, probs = [], []
+        for i in range(0, len(mels), self.batch_size):
+            e, p = self._infer(mels[i : i + self.batch_size, :, :, None])
+            embs.append(e.numpy())
+            probs.append(p.numpy())
+        return l2_normalise(np.concatenate(embs)), np.concatenate(probs).astype(np.float32)
