@@ -25,8 +25,6 @@ WINDOW_SAMPLES = N_FFT + HOP_LENGTH * (WINDOW_FRAMES - 1)
 DEFAULT_WINDOWS = 3
 DEFAULT_TIMEOUT = 120.0
 
-# libsndfile reads these itself (and can seek in them); everything else goes through ffmpeg.
-_SOUNDFILE_EXTS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".w64", ".rf64", ".au"}
 
 
 def _display(path) -> str:
@@ -78,7 +76,7 @@ class AudioFile:
     """One file opened for windowed decoding.
 
     Uses libsndfile when it can read the file (seeks, so only the windows are decoded),
-    and ffmpeg otherwise (m4a/aac, opus, wma, ...). ``length`` is in samples at 22,050 Hz.
+    and ffmpeg otherwise (m4a/aac, wma, ...). ``length`` is in samples at 22,050 Hz.
     """
 
     def __init__(self, path, timeout: float = DEFAULT_TIMEOUT):
@@ -93,20 +91,20 @@ class AudioFile:
             raise AudioError(f"{name}: permission denied")
         if os.path.getsize(path) == 0:
             raise AudioError(f"{name}: empty file")
-        ext = os.path.splitext(name)[1].lower()
         error = None
-        if ext in _SOUNDFILE_EXTS:
-            try:
-                import soundfile
+        # libsndfile first (wav, flac, ogg/vorbis/opus, mp3, aiff; it seeks, so only windows are
+        # decoded); ffmpeg for what it cannot read (m4a/aac, wma, ...).
+        try:
+            import soundfile
 
-                info = soundfile.info(name)
-                if info.frames <= 0 or info.samplerate <= 0:
-                    raise RuntimeError("no audio frames")
-                self._sf_info = info
-                self.length = int(info.frames * SAMPLE_RATE / info.samplerate)
-                return
-            except Exception as exc:  # libsndfile's messages are good; keep for the report
-                error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            info = soundfile.info(name)
+            if info.frames <= 0 or info.samplerate <= 0:
+                raise RuntimeError("no audio frames")
+            self._sf_info = info
+            self.length = int(info.frames * SAMPLE_RATE / info.samplerate)
+            return
+        except Exception as exc:  # libsndfile's messages are good; keep for the report
+            error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if shutil.which("ffmpeg") is None:
             raise AudioError(f"{name}: cannot decode ({error or 'format needs ffmpeg, which is not installed'})")
         self.length = int(self._probe_duration() * SAMPLE_RATE)
