@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine and run the test suite:  bash scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# ffmpeg decodes what libsndfile cannot (m4a/aac); without it those tests skip.
+if ! command -v ffmpeg >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
+        || echo "ffmpeg could not be installed: the tests that need it will skip"
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+
+export TF_CPP_MIN_LOG_LEVEL=3 TF_ENABLE_ONEDNN_OPTS=0
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$PWD/.cache/numba}"
+exec python3 -m pytest "$@"
