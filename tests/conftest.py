@@ -44,7 +44,7 @@ class BeetsEnv:
     def __init__(self, root: Path, model_dir: Path | None, extra_config: str = ""):
         self.root = root
         self.music = root / "music"
-        self.music.mkdir()
+        self.music.mkdir(parents=True, exist_ok=True)
         self.db = root / "library.db"
         model = f"  model: {model_dir}\n" if model_dir else ""
         (root / "config.yaml").write_text(

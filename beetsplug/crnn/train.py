@@ -100,14 +100,19 @@ class Trainer:
         keras.utils.set_random_seed(seed)
         rng = np.random.default_rng(seed)
         arch = dict(DEFAULT_ARCHITECTURE, **(architecture or {}))
-        full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"])
+        card = None
         if init_from is not None:
             card = ModelCard.load(init_from)
             card.verify()
             if card.genres != self.genres:
                 raise ModelError(f"--init-from model knows {card.genres}, the data has {self.genres}")
-            full.load_weights(str(card.weights))
-            arch = card.architecture
+            arch = dict(card.architecture)  # fine-tuning keeps the starting model's shape
+        full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"])
+        if card is not None:
+            try:
+                full.load_weights(str(card.weights))
+            except Exception as exc:
+                raise ModelError(f"cannot start from {card.weights}: {exc}") from None
         net = keras.Model(full.input, full.outputs[1])
         net.compile(optimizer=keras.optimizers.Adam(lr, beta_1=0.9, beta_2=0.999), loss="binary_crossentropy")
         best = (np.inf, None, 0)

@@ -1,0 +1,151 @@
+"""Front end, model card and training: no train/serve skew, loadable outputs, shipped weights unchanged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audiogen import signal, write
+from beetsplug.crnn import audio, dataset
+from beetsplug.crnn.errors import ModelError
+from beetsplug.crnn.features import log_mel
+from beetsplug.crnn.model import Embedder, ModelCard, default_weights_dir
+from conftest import ROOT, BeetsEnv
+
+REGRESSION = Path(__file__).parent / "data" / "shipped_outputs.npz"
+
+
+def test_plan_windows_spread_and_aligned():
+    w = audio.WINDOW_SAMPLES
+    assert audio.plan_windows(w // 3, 3) == [0]  # shorter than a window: one, padded
+    assert audio.plan_windows(w, 3) == [0]
+    starts = audio.plan_windows(10 * w, 3)
+    assert len(starts) == 3 and starts[0] == 0
+    assert all(s % audio.HOP_LENGTH == 0 for s in starts)
+    assert starts[-1] + w <= 10 * w and starts[-1] > 9 * w - 2 * audio.HOP_LENGTH  # reaches the end
+    assert len(audio.plan_windows(int(1.5 * w), 5)) == 2  # no more windows than the track holds
+    with pytest.raises(ValueError):
+        audio.plan_windows(w, 0)
+
+
+def test_training_crop_equals_serving_window(tmp_path):
+    """A window cut from a whole-clip log-mel (training) equals the window decoded alone (serving)."""
+    path = write(tmp_path / "clip.flac", 75.0, kind="beat", seed=3)
+    cache = dataset.MelCache(tmp_path / "cache")
+    mel, n = cache.get(path)
+    from_cache = dataset.serving_windows(mel, n, 3)
+    served = np.stack([log_mel(w) for w in audio.load_windows(path, 3)])
+    assert from_cache.shape == served.shape == (3, audio.N_MELS, audio.WINDOW_FRAMES)
+    # float16 cache: about 0.05 dB apart at most, far below what the model can notice.
+    assert np.max(np.abs(from_cache - served)) < 0.1
+
+
+def test_short_clip_is_padded(tmp_path):
+    path = write(tmp_path / "short.wav", 0.5)
+    windows = audio.load_windows(path, 3)
+    assert len(windows) == 1 and len(windows[0]) == audio.WINDOW_SAMPLES
+    assert np.all(windows[0][int(0.6 * audio.SAMPLE_RATE):] == 0)
+
+
+def test_resampled_and_multichannel_input(tmp_path):
+    path = write(tmp_path / "x.wav", 3.0, sr=44100, channels=2)
+    f = audio.AudioFile(path)
+    assert abs(f.length - 3.0 * audio.SAMPLE_RATE) < 50
+    y = f.read_all()
+    assert abs(len(y) - 3 * audio.SAMPLE_RATE) < 50 and y.dtype == np.float32
+
+
+def test_card_mismatch_is_clear(tmp_path, tiny_model):
+    card = json.loads((tiny_model.weights.parent / "crnn.json").read_text())
+    (tmp_path / "crnn.weights.h5").write_bytes(tiny_model.weights.read_bytes())
+    bad = dict(card, features=dict(card["features"], n_mels=128))
+    (tmp_path / "crnn.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match="preprocessing differs"):
+        ModelCard.load(tmp_path)
+    bad = dict(card, architecture=dict(card["architecture"], gru_units=99))
+    (tmp_path / "crnn.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match="do not fit the architecture"):
+        Embedder.load(tmp_path)
+
+
+def _tiny_dataset(root):
+    for g, kind in (("calm", "tonal"), ("busy", "beat")):
+        for i in range(4):
+            write(root / g / f"{g}{i}.wav", 4.0, kind=kind, seed=i)
+    return root
+
+
+def test_train_smoke_writes_loadable_model(tmp_path):
+    data = _tiny_dataset(tmp_path / "data")
+    out = tmp_path / "model"
+    proc = subprocess.run(
+        [sys.executable, "-m", "beetsplug.crnn.train", str(data), "--out", str(out), "--cache", str(tmp_path / "c"),
+         "--epochs", "2", "--max-steps", "1", "--batch-size", "2", "--conv-filters", "4,4,4,4", "--gru-units", "4"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    card = ModelCard.load(out)
+    card.verify()
+    assert card.genres == ["busy", "calm"]
+    assert card.architecture["conv_filters"] == [4, 4, 4, 4]
+    assert card.extra["training"]["epochs_run"] == 2
+    assert card.extra["training"]["optimizer"] == {"name": "adam", "lr": 0.001, "beta_1": 0.9, "beta_2": 0.999}
+    emb, probs = Embedder(card)(np.stack([log_mel(audio.fit_window(signal(2.0)))]))
+    assert emb.shape == (1, 4) and probs.shape == (1, 2)
+    assert abs(np.linalg.norm(emb[0]) - 1) < 1e-5
+
+    # Fine-tuning from it works through `beet crnntrain` (the same code path).
+    env = BeetsEnv(tmp_path / "beets", out)
+    tuned = tmp_path / "tuned"
+    env.run("crnntrain", str(data), "--out", str(tuned), "--cache", str(tmp_path / "c"), "--epochs", "1",
+            "--max-steps", "1", "--batch-size", "2", "--init-from", str(out))
+    tuned_card = ModelCard.load(tuned)
+    tuned_card.verify()
+    assert tuned_card.architecture == card.architecture
+    assert tuned_card.extra["training"]["command"].startswith("beet crnntrain")
+
+
+def _fixed_input():
+    """A fixed generated input: one full window of each kind of sound."""
+    return np.stack([log_mel(audio.fit_window(signal(40.0, kind=k, seed=7))) for k in ("tonal", "beat", "silence")])
+
+
+def shipped_card():
+    card_path = default_weights_dir() / "crnn.json"
+    if not card_path.is_file():
+        pytest.fail("model_weights/crnn.json is missing: the default model must ship with the plugin")
+    return ModelCard.load(card_path.parent)
+
+
+def test_shipped_card_matches_weights():
+    card = shipped_card()
+    card.verify()
+    assert card.architecture["conv_filters"] == [68, 137, 137, 137] and card.architecture["gru_units"] == 68
+    assert len(card.genres) >= 2
+
+
+def test_shipped_weights_give_stored_outputs():
+    card = shipped_card()
+    stored = np.load(REGRESSION)
+    assert str(stored["model_id"]) == card.model_id, "regenerate tests/data/shipped_outputs.npz for the new model"
+    emb, probs = Embedder(card)(_fixed_input())
+    np.testing.assert_allclose(emb, stored["embeddings"], atol=1e-4)
+    np.testing.assert_allclose(probs, stored["probs"], atol=1e-4)
+
+
+def regenerate():
+    """python tests/test_model.py  -- store the shipped model's outputs on the fixed input."""
+    card = shipped_card()
+    emb, probs = Embedder(card)(_fixed_input())
+    REGRESSION.parent.mkdir(exist_ok=True)
+    np.savez(REGRESSION, embeddings=emb, probs=probs, model_id=np.array(card.model_id))
+    print(f"wrote {REGRESSION} for {card.model_id}")
+
+
+if __name__ == "__main__":
+    regenerate()
