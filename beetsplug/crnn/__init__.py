@@ -36,7 +36,7 @@ class CrnnPlugin(BeetsPlugin):
                 "write_genre": False,  # also set the `genre` field (and tags when import.write) to crnn_genre
                 "index_path": "",  # empty = crnn_index.npz in the beets config directory
                 "n_trees": 0,  # Annoy trees; 0 = the index module's default
-                "search_k": -1,  # Annoy search_k; -1 = Annoy's default (n_trees * n)
+                "search_k": -1,  # Annoy search_k; -1 = the index's default (grows with sqrt of the library size)
                 "mode": "genre",  # genre (cosine + genre agreement) or cosine
                 "genre_weight": 0.5,
                 "max_per_artist": 0,  # 0 = no cap
@@ -254,7 +254,7 @@ class CrnnPlugin(BeetsPlugin):
     def cmd_similar(self, lib, opts, args):
         import numpy as np
 
-        from . import rank
+        from . import library, rank
 
         if opts.number < 1:
             raise UserError("-n must be at least 1")
@@ -290,16 +290,15 @@ class CrnnPlugin(BeetsPlugin):
         want = max(10 * opts.number, 100)
         while True:
             ids, cos = index.query(seed_vec, want, search_k=search_k, exclude=seed_ids)
-            rows = [index.row_of(i) for i in ids]
-            scores = rank.scores(seed_vec, seed_probs, cand_cos=cos, cand_probs=index.probs[rows], mode=mode,
-                                 genre_weight=weight)
+            scores = rank.scores(seed_vec, seed_probs, cand_cos=cos, cand_probs=index.probs[index.rows_of(ids)],
+                                 mode=mode, genre_weight=weight)
+            fields = library.candidate_fields(lib, ids)  # two queries, not one Item per candidate
             candidates = []
-            for item_id, score, c in zip(ids, scores, cos):
-                item = lib.get_item(int(item_id))
-                if item is None:
+            for item_id, score, c in zip(ids.tolist(), scores, cos):
+                if item_id not in fields:
                     continue  # removed since the index was built
-                candidates.append(rank.Candidate(int(item_id), float(score), float(c), item.artist, item.title,
-                                                 item.get(store.GENRE) or ""))
+                artist, title, genre = fields[item_id]
+                candidates.append(rank.Candidate(item_id, float(score), float(c), artist, title, genre))
             chosen = rank.select(candidates, opts.number, seed_ids=seed_ids, seed_keys=seed_keys,
                                  max_per_artist=max_per_artist or None, genre=opts.genre)
             if len(chosen) >= opts.number or want >= len(index.ids):
