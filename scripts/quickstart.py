@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import mediafile
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from audiogen import write  # noqa: E402  the same generator the tests use
 
@@ -40,8 +42,6 @@ def main():
         for a, (artist, kind) in enumerate(styles):
             for n in range(4):
                 path = write(music / artist / f"{n + 1:02d} {kind} {n + 1}.flac", 40.0 + 10 * n, kind=kind, seed=10 * a + n)
-                import mediafile
-
                 f = mediafile.MediaFile(str(path))
                 f.artist, f.title, f.album = artist, f"{kind.title()} {n + 1}", f"{artist} Demo"
                 f.save()

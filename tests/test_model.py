@@ -74,9 +74,13 @@ def test_card_mismatch_is_clear(tmp_path, tiny_model):
 
 
 def _tiny_dataset(root):
+    """Two sound kinds as two genres; a manifest gives each split clips of both."""
+    rows = ["path,genre,artist,title,album,year,split"]
     for g, kind in (("calm", "tonal"), ("busy", "beat")):
-        for i in range(4):
+        for i, split in enumerate(("train", "train", "train", "val", "test", "test")):
             write(root / g / f"{g}{i}.wav", 4.0, kind=kind, seed=i)
+            rows.append(f"{g}/{g}{i}.wav,{g},{g} artist {i},{g}{i},A,2020,{split}")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
     return root
 
 
@@ -108,6 +112,17 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     tuned_card.verify()
     assert tuned_card.architecture == card.architecture
     assert tuned_card.extra["training"]["command"].startswith("beet crnntrain")
+    assert tuned_card.extra["training"]["clips"] == {"train": 6, "val": 2}
+
+    # And it can be evaluated like the paper: tables on stdout, JSON on disk.
+    report_path = tmp_path / "eval.json"
+    proc = env.run("crnneval", str(data), "--model", str(tuned), "--cache", str(tmp_path / "c"), "--k", "1",
+                   "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert report["clips"] == 4 and report["split"] == "test"
+    assert set(report["per_genre"]) == {"busy", "calm"}
+    assert 0.0 <= report["accuracy"] <= 1.0
+    assert "top-1 accuracy" in proc.stdout and "precision@1" in proc.stdout
 
 
 def _fixed_input():

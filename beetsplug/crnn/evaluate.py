@@ -86,7 +86,7 @@ def run(args) -> str:
         card.extra.setdefault("metrics", {})[args.split] = report
         card.save(card.weights.parent / "crnn.json")
     pk = report["precision_at_k"]
-    return format_report(report, {"cosine": pk["cosine"], "genre": pk["genre"]})
+    return format_report(report, {"cosine": pk["cosine"], "genre": pk["genre"], "k": pk["k"]})
 
 
 def main(argv=None) -> int:
