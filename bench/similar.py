@@ -23,6 +23,8 @@ Prints a table and one JSON line (the last line of output).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -80,7 +82,8 @@ def create_library(beetsdir: Path, n: int, card, clusters: int, sigma: float, se
     from beetsplug.crnn import store
 
     db_path = beetsdir / "library.db"
-    lib = Library(str(db_path), str(beetsdir / "lib"))
+    with contextlib.redirect_stdout(io.StringIO()):  # beets prints a line per schema migration backup
+        lib = Library(str(db_path), str(beetsdir / "lib"))
     lib._close()
     for leftover in beetsdir.glob("library.db-before-*.bak"):
         leftover.unlink()  # beets' migration backups of an empty database
