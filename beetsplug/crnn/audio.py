@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import stat
 import subprocess
+import threading
 
 import numpy as np
 
@@ -24,11 +26,18 @@ WINDOW_FRAMES = 1366
 WINDOW_SAMPLES = N_FFT + HOP_LENGTH * (WINDOW_FRAMES - 1)
 DEFAULT_WINDOWS = 3
 DEFAULT_TIMEOUT = 120.0
-
+# Audio may end this much before the length a header promises (VBR estimates) before it counts as truncated.
+TRUNCATION_SLACK = SAMPLE_RATE
 
 
 def _display(path) -> str:
-    return os.fsdecode(path)
+    """A path for messages: text even when the name is not valid UTF-8."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _clock(samples: float) -> str:
+    s = samples / SAMPLE_RATE
+    return f"{int(s // 60)}:{s % 60:04.1f}" if s >= 60 else f"{s:.1f} s"
 
 
 def plan_windows(n_samples: int, n_windows: int = DEFAULT_WINDOWS) -> list[int]:
@@ -77,100 +86,239 @@ class AudioFile:
 
     Uses libsndfile when it can read the file (seeks, so only the windows are decoded),
     and ffmpeg otherwise (m4a/aac, wma, ...). ``length`` is in samples at 22,050 Hz.
+    ``timeout`` bounds each ffmpeg run (None or 0: no limit); ``abort()`` (from another
+    thread) kills a running ffmpeg and makes every later read fail. ``warning`` is set
+    when the audio ends well before the length the file's header promises.
     """
 
-    def __init__(self, path, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, path, timeout: float | None = DEFAULT_TIMEOUT):
         self.path = path
-        self.timeout = timeout
-        self._sf_info = None
+        self.name = _display(path)
+        self.timeout = timeout or None
+        self.warning = None
+        self._fspath = os.fsencode(path)  # bytes: any file name the OS accepts, valid UTF-8 or not
+        self._sf_info = None  # (sample rate, frames) when libsndfile reads it
+        self._sf = None
+        self._proc = None
+        self._aborted = False
+        self._lock = threading.Lock()
         self.length = 0
-        name = _display(path)
-        if not os.path.exists(path):
-            raise AudioError(f"{name}: file not found")
-        if not os.access(path, os.R_OK):
-            raise AudioError(f"{name}: permission denied")
-        if os.path.getsize(path) == 0:
+        name = self.name
+        try:
+            st = os.stat(self._fspath)
+        except FileNotFoundError:
+            raise AudioError(f"{name}: file not found") from None
+        except OSError as exc:
+            raise AudioError(f"{name}: cannot open ({exc.strerror or exc})") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise AudioError(f"{name}: is a directory, not an audio file")
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
             raise AudioError(f"{name}: empty file")
+        # Read the first block here, outside any lock: soundfile opens every file under one
+        # process-wide lock, so a file whose storage stalls (a hung network mount, a FIFO) would
+        # otherwise block every decoding thread, not just its own.
+        try:
+            fd = os.open(self._fspath, os.O_RDONLY)
+            try:
+                os.read(fd, 1 << 16)
+            finally:
+                os.close(fd)
+        except PermissionError:
+            raise AudioError(f"{name}: permission denied") from None
+        except FileNotFoundError:
+            raise AudioError(f"{name}: file not found") from None
+        except OSError as exc:
+            raise AudioError(f"{name}: cannot read ({exc.strerror or exc})") from None
         error = None
         # libsndfile first (wav, flac, ogg/vorbis/opus, mp3, aiff; it seeks, so only windows are
         # decoded); ffmpeg for what it cannot read (m4a/aac, wma, ...).
         try:
             import soundfile
 
-            info = soundfile.info(name)
-            if info.frames <= 0 or info.samplerate <= 0:
+            sf = soundfile.SoundFile(self._fspath)
+            if sf.frames <= 0 or sf.samplerate <= 0:
+                sf.close()
                 raise RuntimeError("no audio frames")
-            self._sf_info = info
-            self.length = int(info.frames * SAMPLE_RATE / info.samplerate)
+            self._sf = sf
+            self._sf_info = (sf.samplerate, sf.frames)
+            self.length = int(sf.frames * SAMPLE_RATE / sf.samplerate)
             return
         except Exception as exc:  # libsndfile's messages are good; keep for the report
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            error = _strip_name(error.replace(f"Error opening {self._fspath!r}: ", ""), name)
         if shutil.which("ffmpeg") is None:
-            raise AudioError(f"{name}: cannot decode ({error or 'format needs ffmpeg, which is not installed'})")
+            raise AudioError(f"{name}: cannot decode ({error}); ffmpeg, which reads more formats "
+                             "(m4a, aac, wma), is not installed")
         self.length = int(self._probe_duration() * SAMPLE_RATE)
         if self.length <= 0:
             raise AudioError(f"{name}: cannot decode ({error or 'no duration'})")
+
+    def close(self) -> None:
+        """Release the open file (reads reopen it when needed)."""
+        if self._sf is not None:
+            self._sf.close()
+            self._sf = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def abort(self) -> None:
+        """Give up on this file: kill a running ffmpeg; later reads raise AudioError."""
+        with self._lock:
+            self._aborted = True
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     def _probe_duration(self) -> float:
         try:
             import mutagen
 
-            f = mutagen.File(_display(self.path))
+            f = mutagen.File(self._fspath.decode("utf-8", "surrogateescape"))
             if f is not None and f.info is not None and getattr(f.info, "length", 0) > 0:
                 return float(f.info.length)
         except Exception:
             pass
-        # No tag reader knows it: decode it all once (bounded by the timeout).
-        return len(self._ffmpeg(0.0, None)) / SAMPLE_RATE
+        # No tag reader knows it: decode it all once, counting samples (bounded by the timeout, flat memory).
+        return self._ffmpeg(0.0, None, keep=False) / SAMPLE_RATE
 
-    def _ffmpeg(self, offset: float, duration: float | None) -> np.ndarray:
-        cmd = ["ffmpeg", "-nostdin", "-v", "error", "-ss", f"{offset:.6f}"]
+    def _ffmpeg(self, offset: float, duration: float | None, keep: bool = True):
+        """Mono 22,050 Hz float32 samples (or, with keep=False, only how many there are)."""
+        cmd = [b"ffmpeg", b"-nostdin", b"-v", b"error", b"-ss", f"{offset:.6f}".encode()]
         if duration is not None:
-            cmd += ["-t", f"{duration:.6f}"]
-        cmd += ["-i", _display(self.path), "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"]
-        name = _display(self.path)
+            cmd += [b"-t", f"{duration:.6f}".encode()]
+        cmd += [b"-i", self._fspath, b"-vn", b"-ac", b"1", b"-ar", str(SAMPLE_RATE).encode(), b"-f", b"f32le", b"-"]
+        name = self.name
+        with self._lock:
+            if self._aborted:
+                raise AudioError(f"{name}: decoding was stopped")
+            proc = self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE)
+        chunks, count = [], 0
+        # stderr is drained by a helper thread so a chatty ffmpeg cannot block on a full pipe.
+        err = bytearray()
+        drain = threading.Thread(target=lambda: err.extend(proc.stderr.read()), daemon=True)
+        drain.start()
+        timed_out = []
+
+        def stop():
+            timed_out.append(True)
+            proc.kill()
+
+        killer = threading.Timer(self.timeout, stop) if self.timeout else None
+        if killer is not None:
+            killer.daemon = True
+            killer.start()
         try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise AudioError(f"{name}: decoding took longer than {self.timeout:g} s") from None
+            while True:
+                block = proc.stdout.read(1 << 20)
+                if not block:
+                    break
+                count += len(block)
+                if keep:
+                    chunks.append(block)
+            proc.wait()
+            drain.join(5)
+        finally:
+            if killer is not None:
+                killer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            with self._lock:
+                self._proc = None
+                aborted = self._aborted
+        if aborted:
+            raise AudioError(f"{name}: decoding was stopped")
         if proc.returncode != 0:
-            msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise AudioError(f"{name}: cannot decode ({msg[-1] if msg else 'ffmpeg failed'})")
-        return np.frombuffer(proc.stdout, dtype="<f4").copy()
+            if timed_out:
+                raise AudioError(f"{name}: decoding took longer than {self.timeout:g} s")
+            msg = err.decode("utf-8", "replace").strip().splitlines()
+            raise AudioError(f"{name}: cannot decode ({_strip_name(msg[-1], name) if msg else 'ffmpeg failed'})")
+        if not keep:
+            return count // 4
+        data = b"".join(chunks)
+        return np.frombuffer(data[: len(data) // 4 * 4], dtype="<f4").copy()
 
     def read(self, start: int, n: int) -> np.ndarray:
         """Decode ``n`` samples (22,050 Hz mono) from sample ``start``; shorter at the end."""
+        if self._aborted:
+            raise AudioError(f"{self.name}: decoding was stopped")
         if self._sf_info is None:
-            return self._ffmpeg(start / SAMPLE_RATE, n / SAMPLE_RATE)[:n]
-        import soundfile
+            y = self._ffmpeg(start / SAMPLE_RATE, n / SAMPLE_RATE)[:n]
+        else:
+            import soundfile
 
-        sr = self._sf_info.samplerate
-        a = int(start * sr / SAMPLE_RATE)
-        b = int(math.ceil((start + n) * sr / SAMPLE_RATE)) + 1
-        try:
-            with soundfile.SoundFile(_display(self.path)) as f:
-                if a:
-                    f.seek(a)
+            sr = self._sf_info[0]
+            a = int(start * sr / SAMPLE_RATE)
+            b = int(math.ceil((start + n) * sr / SAMPLE_RATE)) + 1
+            try:
+                if self._sf is None:
+                    self._sf = soundfile.SoundFile(self._fspath)
+                f = self._sf
+                f.seek(min(a, f.frames))
                 data = f.read(b - a, dtype="float32", always_2d=True)
-        except Exception as exc:
-            raise AudioError(f"{_display(self.path)}: cannot decode ({exc})") from None
-        y = _resample(_mono(data), sr)[:n]
+            except Exception as exc:
+                raise AudioError(f"{self.name}: cannot decode ({_strip_name(str(exc).strip(), self.name)})") from None
+            y = _resample(_mono(data), sr)[:n]
         if not np.all(np.isfinite(y)):
-            raise AudioError(f"{_display(self.path)}: decoded audio contains NaN or infinity")
+            raise AudioError(f"{self.name}: decoded audio contains NaN or infinity")
         return y
 
     def read_all(self) -> np.ndarray:
-        return self.read(0, self.length + SAMPLE_RATE)
+        try:
+            return self.read(0, self.length + SAMPLE_RATE)
+        finally:
+            self.close()
 
     def windows(self, n_windows: int = DEFAULT_WINDOWS) -> list[np.ndarray]:
-        """The planned windows, each exactly WINDOW_SAMPLES long."""
-        out = []
-        for start in plan_windows(self.length, n_windows):
-            y = self.read(start, WINDOW_SAMPLES)
-            if start == 0 and len(y) == 0:
-                raise AudioError(f"{_display(self.path)}: no audio could be decoded")
-            out.append(fit_window(y))
-        return out
+        """The planned windows, each exactly WINDOW_SAMPLES long.
+
+        A file whose audio stops early (truncated download, damaged tail) is analysed over the part
+        that decodes, with ``warning`` saying so; one with no decodable audio at all is an AudioError.
+        """
+        try:
+            return self._windows(n_windows)
+        finally:
+            self.close()
+
+    def _windows(self, n_windows: int) -> list[np.ndarray]:
+        promised = self.length
+        while True:
+            out, end = [], None
+            for start in plan_windows(self.length, n_windows):
+                try:
+                    y = self.read(start, WINDOW_SAMPLES)
+                except AudioError:
+                    if start == 0 or self._aborted:
+                        raise
+                    end = start  # a window further in does not decode: treat the audio as ending there
+                    break
+                expected = min(WINDOW_SAMPLES, self.length - start)
+                if len(y) < expected - TRUNCATION_SLACK:
+                    end = start + len(y)
+                    break
+                out.append(fit_window(y))
+            if end is None:
+                if self.length < promised:
+                    self.warning = (f"{self.name}: audio stops at {_clock(self.length)} although its header says "
+                                    f"{_clock(promised)} (truncated file?); analysed the part that decodes")
+                return out
+            if end <= 0:
+                raise AudioError(f"{self.name}: no audio could be decoded")
+            self.length = end  # plan again inside the audio that is really there
+
+
+def _strip_name(message: str, name: str) -> str:
+    """Decoders often start their message with the file name, which our line already names."""
+    for prefix in (name + ": ", name + ":"):
+        if message.startswith(prefix):
+            return message[len(prefix):].strip()
+    return message
 
 
 def load_windows(path, n_windows: int = DEFAULT_WINDOWS, timeout: float = DEFAULT_TIMEOUT) -> list[np.ndarray]:
