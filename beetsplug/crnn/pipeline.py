@@ -2,13 +2,21 @@
 
 Only a bounded number of tracks are in flight, so memory stays flat however long the list;
 results come back one track at a time, so the caller can store each as soon as it is done.
+
+Each file has a time limit. A decoder can hang where nothing can interrupt it (libsndfile
+blocked in open() on a stalled network file or a FIFO), so the workers are daemon threads
+of our own rather than a ThreadPoolExecutor (whose workers are joined at interpreter exit,
+which would hang the command on such a thread): a file over its limit is reported, its
+thread is abandoned and replaced, and the command finishes and exits regardless.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -19,6 +27,9 @@ from .errors import AudioError, CrnnError
 from .features import log_mel
 from .model import pool_track
 
+# How long closing the pipeline waits for workers that are still decoding (not for stuck ones).
+CLOSE_WAIT = 2.0
+
 
 @dataclass
 class Result:
@@ -28,75 +39,186 @@ class Result:
     probs: np.ndarray | None = None
     mtime: float | None = None
     error: str | None = None
+    warning: str | None = None  # analysed, but something the user should know (e.g. truncated file)
 
 
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def track_mels(path, n_windows: int, timeout: float) -> tuple[np.ndarray, float]:
-    """(windows' log-mels (k, 96, 1366), file mtime read before decoding)."""
+def track_mels(path, n_windows: int, timeout: float, opened=None) -> tuple[np.ndarray, float, str | None]:
+    """(windows' log-mels (k, 96, 1366), file mtime read before decoding, warning or None).
+
+    ``opened`` is called with the AudioFile as soon as it exists, so a caller can abort it.
+    """
     mtime = os.stat(path).st_mtime
-    windows = audio.load_windows(path, n_windows, timeout)
-    return np.stack([log_mel(w) for w in windows]), mtime
+    f = audio.AudioFile(path, timeout)
+    if opened is not None:
+        opened(f)
+    windows = f.windows(n_windows)
+    return np.stack([log_mel(w) for w in windows]), mtime, f.warning
+
+
+class _Task:
+    __slots__ = ("key", "path", "started", "thread", "done", "value", "error", "audio", "abandoned", "lock")
+
+    def __init__(self, key, path):
+        self.key, self.path = key, path
+        self.started = None  # time.monotonic() when a worker took it
+        self.thread = None  # the worker running it
+        self.done = threading.Event()
+        self.value = self.error = self.audio = None
+        self.abandoned = False
+        self.lock = threading.Lock()
+
+
+class _DecodePool:
+    """``n`` daemon threads running ``work(task)`` for queued tasks; a task over its time limit is
+    abandoned with its thread, and a fresh thread takes that one's place."""
+
+    def __init__(self, n: int, work):
+        self._work = work
+        self._queue: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._stuck: set = set()
+        self._closed = False
+        for _ in range(n):
+            self._spawn()
+
+    def _spawn(self):
+        t = threading.Thread(target=self._run, name=f"crnn-decode-{len(self._threads)}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _run(self):
+        while True:
+            task = self._queue.get()
+            if task is None or self._closed:
+                return
+            task.thread = threading.current_thread()
+            task.started = time.monotonic()
+            try:
+                task.value = self._work(task)
+            except BaseException as exc:  # handed to the caller, never raised in the worker
+                task.error = exc
+            with task.lock:
+                task.done.set()
+                if task.abandoned:
+                    return  # replaced while it was stuck on this task: the replacement carries on
+
+    def submit(self, task: _Task):
+        self._queue.put(task)
+
+    def wait(self, task: _Task, timeout: float | None) -> bool:
+        """True once the task is done; False when it has run ``timeout`` s (it is then abandoned)."""
+        while not task.done.is_set():
+            if task.started is None or not timeout:
+                task.done.wait(0.25)  # queued behind others: its clock has not started
+                continue
+            left = task.started + timeout - time.monotonic()
+            if left > 0:
+                task.done.wait(left)
+                continue
+            with task.lock:
+                if task.done.is_set():
+                    break
+                task.abandoned = True
+            self._stuck.add(task.thread)
+            if task.audio is not None:
+                task.audio.abort()  # kills a running ffmpeg; a libsndfile call cannot be stopped
+            self._spawn()
+            return False
+        return True
+
+    def close(self):
+        """Stop taking tasks; give running ones a moment to end (stuck ones are left: they are daemons)."""
+        self._closed = True
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + CLOSE_WAIT
+        for t in self._threads:
+            if t not in self._stuck:
+                t.join(max(0.0, deadline - time.monotonic()))
 
 
 def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_WINDOWS, workers=None,
             timeout=audio.DEFAULT_TIMEOUT, batch_windows=16) -> Iterator[Result]:
-    """Yield a Result for every (key, path) job, in order; failures carry a one-line reason."""
+    """Yield a Result for every (key, path) job, in order; failures carry a one-line reason.
+
+    ``timeout`` (seconds, None or 0 for none) limits how long one file may take to decode.
+    """
     workers = workers or default_workers()
     jobs = iter(jobs)
     in_flight: deque = deque()
-    pending: list = []  # (job, mels, mtime) waiting for the next batch
+    pending: list = []  # (task, mels, mtime, warning) waiting for the next batch
 
-    def prepare(path):
+    def prepare(task: _Task):
+        path = task.path
         try:
-            return track_mels(path, n_windows, timeout)
+            return track_mels(path, n_windows, timeout, opened=lambda f: setattr(task, "audio", f))
         except CrnnError:
             raise
         except FileNotFoundError:
-            raise AudioError(f"{os.fsdecode(path)}: file not found") from None
+            raise AudioError(f"{audio._display(path)}: file not found") from None
         except PermissionError:
-            raise AudioError(f"{os.fsdecode(path)}: permission denied") from None
+            raise AudioError(f"{audio._display(path)}: permission denied") from None
         except Exception as exc:  # a decoder bug in one file must not end the batch
-            raise AudioError(f"{os.fsdecode(path)}: {type(exc).__name__}: {exc}") from None
+            raise AudioError(f"{audio._display(path)}: {type(exc).__name__}: {exc}") from None
 
     def flush():
         if not pending:
             return []
-        mels = np.concatenate([m for _, m, _ in pending])
+        mels = np.concatenate([m for _, m, _, _ in pending])
         embs, probs = embedder(mels)
         out, i = [], 0
-        for (key, path), m, mtime in pending:
+        for task, m, mtime, warning in pending:
             e, p = pool_track(embs[i : i + len(m)], probs[i : i + len(m)])
             i += len(m)
-            out.append(Result(key, path, e, p, mtime))
+            if not (np.all(np.isfinite(e)) and np.all(np.isfinite(p)) and abs(float(np.linalg.norm(e)) - 1) < 1e-3):
+                out.append(Result(task.key, task.path, error=f"{audio._display(task.path)}: the model gave no "
+                                                             "usable embedding (NaN or zero vector)"))
+            else:
+                out.append(Result(task.key, task.path, e, p, mtime, warning=warning))
         pending.clear()
         return out
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crnn-decode") as pool:
+    # Import librosa and build the mel filters now, so that one-time cost is not charged to the first files' time limit.
+    log_mel(np.zeros(audio.WINDOW_SAMPLES, np.float32))
+    pool = _DecodePool(workers, prepare)
+    try:
 
         def refill():
             while len(in_flight) < 2 * workers:
                 job = next(jobs, None)
                 if job is None:
                     return
-                in_flight.append((job, pool.submit(prepare, job[1])))
+                task = _Task(*job)
+                in_flight.append(task)
+                pool.submit(task)
 
         refill()
         while in_flight:
-            job, fut = in_flight.popleft()
+            task = in_flight.popleft()
             refill()
-            try:
-                mels, mtime = fut.result(timeout=timeout)
-            except FutureTimeout:
-                fut.cancel()
-                yield Result(job[0], job[1], error=f"{os.fsdecode(job[1])}: decoding took longer than {timeout:g} s")
+            if not pool.wait(task, timeout):
+                yield Result(task.key, task.path,
+                             error=f"{audio._display(task.path)}: decoding took longer than {timeout:g} s")
                 continue
-            except CrnnError as exc:
-                yield Result(job[0], job[1], error=str(exc))
-                continue
-            pending.append((job, mels, mtime))
-            if sum(len(m) for _, m, _ in pending) >= batch_windows:
+            if task.error is not None:
+                if isinstance(task.error, CrnnError):
+                    yield Result(task.key, task.path, error=str(task.error))
+                    continue
+                raise task.error  # KeyboardInterrupt/SystemExit/MemoryError in a worker
+            mels, mtime, warning = task.value
+            task.value = None
+            pending.append((task, mels, mtime, warning))
+            if sum(len(m) for _, m, _, _ in pending) >= batch_windows:
                 yield from flush()
         yield from flush()
+    finally:
+        pool.close()
