@@ -6,18 +6,24 @@ messages. The numeric work lives in the sibling modules, which never import beet
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
+import sqlite3
 import sys
+import threading
 import time
 
 from beets import config as beets_config
 from beets import ui
 from beets.dbcore import types
+from beets.dbcore.db import DBAccessError
 from beets.plugins import BeetsPlugin
 from beets.ui import Subcommand, UserError
 
 from . import store
-from .errors import CrnnError
+from .errors import CrnnError, StoreError
 
 INDEX_NAME = "crnn_index.npz"
 
@@ -123,82 +129,150 @@ class CrnnPlugin(BeetsPlugin):
     # ---- crnnembed ----
 
     def embedder(self):
+        import warnings
+
         from .model import Embedder
 
         try:
-            return Embedder(self.card(), batch_size=self.config["batch_size"].get(int))
+            # Keras reports weights it could not place as warnings and carries on with random ones:
+            # for us that is a wrong model, so such a warning is an error.
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                embedder = Embedder(self.card(), batch_size=self.config["batch_size"].get(int))
         except CrnnError as exc:
-            raise UserError(str(exc)) from None
+            raise UserError(_one_line(str(exc))) from None
+        for w in caught:
+            text = str(w.message)
+            if "saving" in str(w.filename) and re.search(r"skipp|freshly|could not|mismatch", text, re.I):
+                raise UserError(f"weights {self.card().weights} do not fit the architecture in the card: "
+                                f"{_one_line(text)}")
+            self._log.debug("{}: {}", w.category.__name__, text)
+        return embedder
 
     def cmd_embed(self, lib, opts, args):
+        for name in ("workers", "windows"):
+            value = getattr(opts, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1")
         items = list(lib.items(args))
-        failed = self.embed_items(
-            lib,
-            items,
-            force=opts.force,
-            quiet=opts.quiet,
-            workers=opts.workers,
-            windows=opts.windows,
-            write=ui.should_write(),
-        )
+        if args and not items:
+            raise UserError(f"no tracks match the query {' '.join(args)!r}")
+        stats: dict = {}
+        try:
+            failed = self.embed_items(
+                lib,
+                items,
+                force=opts.force,
+                quiet=opts.quiet,
+                workers=opts.workers,
+                windows=opts.windows,
+                write=ui.should_write(),
+                stats=stats,
+            )
+        except KeyboardInterrupt:
+            raise UserError(f"interrupted: embedded {stats.get('done', 0)} of {stats.get('todo', 0)} "
+                            "(each one is saved); run beet crnnembed again to do the rest") from None
         if failed:
             raise UserError(f"{failed} file(s) could not be analysed")
 
     def imported(self, session, task):
         self.embed_items(session.lib, task.imported_items(), quiet=True, write=ui.should_write())
 
-    def embed_items(self, lib, items, force=False, quiet=False, workers=None, windows=None, write=False) -> int:
-        """Analyse ``items`` and store each one as soon as it is done; returns how many failed."""
+    def embed_items(self, lib, items, force=False, quiet=False, workers=None, windows=None, write=False,
+                    stats=None) -> int:
+        """Analyse ``items`` and store each one as soon as it is done; returns how many failed.
+
+        One line per file that fails ("path: reason"); such a file keeps no analysis that no longer
+        describes it. ``stats`` (a dict, optional) gets the counts as they change.
+        """
         from .pipeline import analyse
 
+        stats = {} if stats is None else stats
+        windows = windows or self.config["windows"].get(int)
+        workers = workers or self.config["workers"].get(int) or None
+        if windows < 1:
+            raise UserError("windows must be at least 1")
         card = self.card()
-        todo, current = [], 0
+        todo, current, mtimes = [], 0, {}
         for item in items:
             try:
                 mtime = os.stat(item.path).st_mtime
             except OSError:
                 mtime = None
+            mtimes[item.id] = mtime
             if not force and store.is_current(item, card.model_id, mtime):
-                current += 1
-            else:
-                todo.append(item)
+                try:
+                    store.decode_vector(item.get(store.EMBEDDING))
+                except CrnnError as exc:
+                    self._log.warning("{}: stored {} is unusable ({}); analysing it again",
+                                      _shown(item.path), store.EMBEDDING, exc)
+                else:
+                    current += 1
+                    continue
+            todo.append(item)
+        stats.update(todo=len(todo), done=0, current=current, failed=0)
         if not todo:
             self._log.info("embedded 0, up to date {}, failed 0", current)
             return 0
         embedder = self.embedder()
-        windows = windows or self.config["windows"].get(int)
-        workers = workers or self.config["workers"].get(int) or None
-        if windows < 1:
-            raise UserError("windows must be at least 1")
         by_id = {item.id: item for item in todo}
         done = failed = 0
         bar = _progress(len(todo), quiet)
+        timeout = self.config["timeout"].as_number() or None
         try:
             for result in analyse(((item.id, item.path) for item in todo), embedder, n_windows=windows,
-                                  workers=workers, timeout=self.config["timeout"].as_number(),
-                                  batch_windows=self.config["batch_size"].get(int)):
+                                  workers=workers, timeout=timeout, batch_windows=self.config["batch_size"].get(int)):
                 item = by_id.pop(result.key)
                 if result.error:
                     failed += 1
-                    self._log.error("{}", result.error)
+                    stats["failed"] = failed
+                    self._log.error("{}{}", result.error, self._drop_stale(item, mtimes.get(item.id)))
                 else:
+                    if result.warning:
+                        self._log.warning("{}", result.warning)
                     self._store(item, result, card, write)
                     done += 1
+                    stats["done"] = done
                 bar.update(1)
         finally:
             bar.close()
         self._log.info("embedded {}, up to date {}, failed {}", done, current, failed)
         return failed
 
+    def _drop_stale(self, item, mtime) -> str:
+        """After a failure: remove an analysis made of an earlier version of the file (it changed since).
+
+        A file that is missing or unreadable keeps its analysis: the audio it describes may come back.
+        Returns text to append to the failure line.
+        """
+        keys = [k for k in item.keys() if k.startswith("crnn_")]
+        stored = item.get(store.MTIME)
+        if not keys or mtime is None or (stored is not None and abs(float(stored) - mtime) < 1e-3):
+            return ""
+        for key in keys:
+            del item[key]
+        with _sigint_held():
+            item.store()
+        return "; removed its analysis of an earlier version"
+
     def _store(self, item, result, card, write):
         values = store.fields_for(result.embedding, result.probs, card.genres, card.model_id, result.mtime, time.time())
         item.update(values)
+        for key in list(item.keys()):
+            if key.startswith(store.PROB_PREFIX) and key not in values:
+                del item[key]  # a genre the current model does not have
         if self.config["write_genre"].get(bool):
             item.genre = values[store.GENRE]
             if write and item.try_write():
                 # Writing tags changes the file's mtime: record the new one so the vector stays current.
                 item[store.MTIME] = os.stat(item.path).st_mtime
-        item.store()
+        try:
+            with _sigint_held():  # all the attributes or none: beets commits even when interrupted mid-way
+                item.store()
+        except (sqlite3.OperationalError, DBAccessError) as exc:
+            raise UserError(f"cannot save the analysis of {_shown(item.path)} ({exc}); the library database is "
+                            "busy or read-only. Tracks saved so far are kept: run beet crnnembed again later, "
+                            "or raise beets' timeout option") from None
 
     # ---- index ----
 
@@ -275,6 +349,9 @@ class CrnnPlugin(BeetsPlugin):
                     raise CrnnError("not embedded by the current model")
                 vectors.append(store.decode_vector(item.get(store.EMBEDDING)))
                 probs.append(store.probs_from(item, card.genres))
+            except StoreError as exc:  # garbage in the database: say so, use the other seeds
+                self._log.warning("{}: stored {} is unusable ({}); not used as a seed. beet crnnembed analyses it "
+                                  "again", _shown(item.path), store.EMBEDDING, exc)
             except CrnnError as exc:
                 self._log.debug("seed {}: {}", item, exc)
         if not vectors:
@@ -358,6 +435,39 @@ class CrnnPlugin(BeetsPlugin):
             ui.print_(run(ns))
         except CrnnError as exc:
             raise UserError(str(exc)) from None
+
+
+def _one_line(text: str) -> str:
+    """A library's multi-line error (Keras prints whole tensors) as one line that keeps the gist."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return text.strip()
+    shapes = re.search(r"variable\.shape=\([^)]*\),? Received: value\.shape=\([^)]*\)", text)
+    return lines[0].rstrip(":") + (f" ({shapes.group(0)})" if shapes else "")
+
+
+def _shown(path) -> str:
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold Ctrl-C until the block is done (main thread only), then raise it.
+
+    beets' Transaction commits whatever ran when an exception passes through it, so a
+    KeyboardInterrupt between two attribute writes would save half an item.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt here
 
 
 def _progress(total, quiet):

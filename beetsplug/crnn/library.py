@@ -106,7 +106,8 @@ def read_embeddings(lib, model_id: str, genres, dim: int | None = None, log=None
             keep[i] = True
         except (StoreError, ValueError) as exc:
             if log is not None:
-                log(f"item {ids[i]}: stored {store.EMBEDDING} is unusable ({exc}); run beet crnnembed --force on it")
+                log(f"{_describe(lib, ids[i])}: stored {store.EMBEDDING} is unusable ({exc}); skipped. "
+                    f"beet crnnembed analyses it again")
             skipped += 1
     n_genres = len(genres)
     probs = np.array(probs, dtype=np.float64).reshape(len(ids), n_genres)  # a missing genre (None) is nan
@@ -126,6 +127,20 @@ def _b64(text):
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def _describe(lib, item_id: int) -> str:
+    """The item's path for a message (its id when the path cannot be read)."""
+    try:
+        with lib.transaction() as tx:
+            rows = tx.query("SELECT path FROM items WHERE id = ?", (item_id,))
+        path = rows[0][0] if rows else None
+    except Exception:
+        path = None
+    if isinstance(path, (bytes, str)) and path:
+        text = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
+        return f"item {item_id} ({text})"
+    return f"item {item_id}"
 
 
 def candidate_fields(lib, item_ids) -> dict:
