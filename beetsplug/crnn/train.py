@@ -80,6 +80,28 @@ class Trainer:
             y = lam[:, None] * y + (1 - lam[:, None]) * y[other]
         return x.astype(np.float32), y
 
+    def recalibrate(self, model, rng, n_crops=192, batch_size=16) -> None:
+        """Replace batch-norm running statistics by their exact average over training crops.
+
+        The running averages (momentum 0.99) trail weights that moved quickly at lr 1e-3
+        over only a few dozen steps an epoch, which made inference noisy; a forward pass
+        over fresh crops with a cumulative average gives the statistics of the final weights.
+        """
+        from keras import layers
+
+        bns = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+        saved = [bn.momentum for bn in bns]
+        x, _ = self.epoch_data(rng, 1, 0.0)
+        x = x[:n_crops]
+        try:
+            for k, i in enumerate(range(0, len(x), batch_size)):
+                for bn in bns:
+                    bn.momentum = k / (k + 1)  # running value becomes the mean over batches so far
+                model(x[i : i + batch_size], training=True)
+        finally:
+            for bn, m in zip(bns, saved):
+                bn.momentum = m
+
     def predict_clips(self, model, windows_per_clip) -> np.ndarray:
         """Mean genre probabilities per clip over its serving windows."""
         flat = np.concatenate(windows_per_clip)[..., None]
@@ -93,7 +115,7 @@ class Trainer:
         return np.array(out)
 
     def fit(self, epochs=40, patience=8, crops_per_clip=2, batch_size=16, mixup=0.0, lr=1e-3, seed=0,
-            architecture=None, init_from=None, max_minutes=None, max_steps=None):
+            architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True):
         quiet_tensorflow()
         import keras
 
@@ -124,6 +146,8 @@ class Trainer:
                 x, y = x[: max_steps * batch_size], y[: max_steps * batch_size]
             h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
             row = {"epoch": epoch, "loss": float(h.history["loss"][-1]), "lr": float(net.optimizer.learning_rate.numpy())}
+            if recalibrate:  # the weights kept as 'best' carry statistics that match them
+                self.recalibrate(net, rng)
             if self.val_windows:
                 p = self.predict_clips(net, self.val_windows)
                 row["val_loss"] = _bce(val_onehot, p)
@@ -184,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, help="fine-tune from this model folder or card")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long (best weights kept)")
     p.add_argument("--max-steps", type=int, default=None, help="batches per epoch at most (smoke tests)")
+    p.add_argument("--no-recalibrate", action="store_true",
+                   help="keep Keras' running batch-norm statistics instead of recomputing them each epoch")
     p.add_argument("--name", default="crnn", help="prefix of the model id")
     return p
 
@@ -199,7 +225,7 @@ def run(args, log=print) -> ModelCard:
     full, arch, info = trainer.fit(epochs=args.epochs, patience=args.patience, crops_per_clip=args.crops,
                                    batch_size=args.batch_size, mixup=args.mixup, lr=args.lr, seed=args.seed,
                                    architecture=arch, init_from=args.init_from, max_minutes=args.max_minutes,
-                                   max_steps=args.max_steps)
+                                   max_steps=args.max_steps, recalibrate=not args.no_recalibrate)
     extra = {
         "training": {
             "data": str(args.data),
@@ -208,6 +234,7 @@ def run(args, log=print) -> ModelCard:
             "optimizer": {"name": "adam", "lr": args.lr, "beta_1": 0.9, "beta_2": 0.999},
             "loss": "binary_crossentropy",
             "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "seed": args.seed,
+            "batchnorm_recalibrated": not args.no_recalibrate, "init_from": args.init_from,
             "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"], "minutes": info["minutes"],
             "history": info["history"],
         },
