@@ -258,3 +258,20 @@ def test_recall_at_10_on_clustered_vectors():
     hits = sum(len(set(idx.query(x[q], 10)[0].tolist()) & set(ids[t].tolist())) for q, t in zip(queries, truth))
     recall = hits / (10 * len(queries))
     assert recall >= 0.95, recall
+
+
+def test_default_search_k_grows_with_the_library():
+    from beetsplug.crnn.index import SEARCH_K_MIN, default_search_k
+
+    sizes = [0, 10_000, 100_000, 1_000_000, 10_000_000]
+    ks = [default_search_k(n, DEFAULT_N_TREES, 10) for n in sizes]
+    assert ks[0] == ks[1] == SEARCH_K_MIN and ks == sorted(ks) and ks[3] > 3 * ks[2] / 2
+    assert default_search_k(100, 16, 5000) == 5000 * 16  # never below Annoy's own k * n_trees
+
+
+def test_rows_of_with_unsorted_ids():
+    x = np.random.default_rng(2).standard_normal((5, 3))
+    idx = SimilarityIndex.build([40, 10, 30, 20, 50], x, np.zeros((5, 0)), [], "fp")
+    assert idx.rows_of([10, 20, 30, 40, 50, 60, 0]).tolist() == [1, 3, 2, 0, 4, -1, -1]
+    assert idx.row_of(30) == 2 and idx.row_of(35) is None
+    assert idx.rows_of([]).tolist() == []
