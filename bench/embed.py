@@ -140,24 +140,25 @@ def make_library(beetsdir: Path, model_dir: Path, files, batch_size=None):
 
 
 def timed_map(fn, files, workers):
-    t = time.perf_counter()
+    """(wall s, CPU s of this process, results): the benchmark process does nothing else meanwhile."""
+    c, t = time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench") as pool:
         out = list(pool.map(fn, files))
-    return time.perf_counter() - t, out
+    return time.perf_counter() - t, time.process_time() - c, out
 
 
 def floor_decode(files, windows, workers):
     from beetsplug.crnn import audio
 
-    wall, out = timed_map(lambda p: len(audio.load_windows(p, windows)), files, workers)
-    return wall, sum(out)
+    wall, cpu, out = timed_map(lambda p: len(audio.load_windows(p, windows)), files, workers)
+    return wall, cpu, sum(out)
 
 
 def floor_decode_mel(files, windows, workers):
     from beetsplug.crnn import pipeline
 
-    wall, out = timed_map(lambda p: len(pipeline.track_mels(p, windows, 120.0)[0]), files, workers)
-    return wall, sum(out)
+    wall, cpu, out = timed_map(lambda p: len(pipeline.track_mels(p, windows, 120.0)[0]), files, workers)
+    return wall, cpu, sum(out)
 
 
 def model_only(model_dir, n_windows, batch_size):
@@ -168,11 +169,11 @@ def model_only(model_dir, n_windows, batch_size):
     emb = Embedder.load(model_dir, batch_size=batch_size)
     x = np.random.default_rng(0).normal(-30, 20, (batch_size, N_MELS, WINDOW_FRAMES)).astype(np.float32)
     emb(x)
-    done, t = 0, time.perf_counter()
+    done, c, t = 0, time.process_time(), time.perf_counter()
     while done < n_windows:
         emb(x)
         done += len(x)
-    return done / (time.perf_counter() - t)
+    return done / (time.perf_counter() - t), (time.process_time() - c) / done
 
 
 # ---- crnnembed ----
@@ -265,17 +266,17 @@ def main(argv=None):
             row = {"windows": w}
             log(f"windows={w}: floor decode")
             with quiet_fd2():
-                wall, nwin = floor_decode(files, w, workers)
-            row.update(decode_tps=n / wall, windows_per_track=nwin / n)
+                wall, cpu, nwin = floor_decode(files, w, workers)
+            row.update(decode_tps=n / wall, decode_cpu_per_track=cpu / n, windows_per_track=nwin / n)
             log(f"  {n / wall:.2f} tracks/s ({nwin} windows)")
             log(f"windows={w}: floor decode + log-mel")
             with quiet_fd2():
-                wall, _ = floor_decode_mel(files, w, workers)
-            row["decode_mel_tps"] = n / wall
+                wall, cpu, _ = floor_decode_mel(files, w, workers)
+            row.update(decode_mel_tps=n / wall, decode_mel_cpu_per_track=cpu / n)
             log(f"  {n / wall:.2f} tracks/s")
             log(f"windows={w}: beet crnnembed on 1 track (start-up + model load)")
             one, _ = embed_run(beetsdir, w, ["id:1"])
-            row.update(embed1_wall_s=one.wall, embed1_rss_mib=mib(one.rss))
+            row.update(embed1_wall_s=one.wall, embed1_cpu_s=one.cpu, embed1_rss_mib=mib(one.rss))
             if not args.quick:
                 log(f"windows={w}: beet crnnembed on {quarter} tracks")
                 r, done = embed_run(beetsdir, w, [f"id:1..{quarter}"])
@@ -289,34 +290,50 @@ def main(argv=None):
                        embed_steady_tps=(n - 1) / max(r.wall - one.wall, 1e-9))
             row["ratio"] = row["decode_mel_tps"] / row["embed_tps"]
             row["ratio_steady"] = row["decode_mel_tps"] / row["embed_steady_tps"]
+            # CPU seconds per track do not depend on what else the machine runs; the steady part
+            # leaves out the 1-track run's start-up (imports, model build, tracing).
+            row["embed_cpu_per_track"] = (r.cpu - one.cpu) / max(n - 1, 1)
+            row["ratio_cpu"] = row["embed_cpu_per_track"] / row["decode_mel_cpu_per_track"]
             log(f"  {row['embed_tps']:.2f} tracks/s ({row['embed_steady_tps']:.2f} steady), "
                 f"peak RSS {row['embed_rss_mib']:.0f} MiB, embed/floor {row['ratio']:.2f}")
             per_windows.append(row)
         if not args.skip_model_only:
             log("model only (Embedder on ready log-mels)")
             batch = args.batch_size or plugin_default("batch_size", 16)
-            wps = model_only(model_dir, max(48, 4 * batch), batch)
-            result["model_windows_per_s"] = wps
+            wps, cpu_per_window = model_only(model_dir, max(48, 4 * batch), batch)
+            result.update(model_windows_per_s=wps, model_cpu_per_window=cpu_per_window, model_batch=batch)
             for row in per_windows:
                 row["model_only_tps"] = wps / row["windows_per_track"]
+                row["model_cpu_per_track"] = cpu_per_window * row["windows_per_track"]
         result["runs"] = per_windows
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    headers = ["windows", "decode t/s", "decode+mel t/s", "model-only t/s", "crnnembed t/s", "steady t/s",
-               "embed/floor", "steady/floor", "start-up s", "RSS 1 / N/4 / N MiB"]
+    cores = result["machine"]["cores"]
+    print(f"crnnembed benchmark: {result['tracks']} tracks ({source}, ~{result['seconds']} s, "
+          f"{result['sample_rate']} Hz, {result['channels']} ch), {workers} decoding threads, "
+          f"{cores} cores, nice {result['machine']['nice']}, batch_size {result['batch_size']}")
+    print(f"model: {result['model']}")
+    print()
+    print("Wall clock, as measured in this run (tracks/s):")
     rows = []
     for r in result["runs"]:
         rss = " / ".join(f"{r[k]:.0f}" for k in ("embed1_rss_mib", "embed_quarter_rss_mib", "embed_rss_mib") if k in r)
         rows.append([r["windows"], r["decode_tps"], r["decode_mel_tps"], r.get("model_only_tps", float("nan")),
                      r["embed_tps"], r["embed_steady_tps"], r["ratio"], r["ratio_steady"], r["embed1_wall_s"], rss])
-    print(f"crnnembed benchmark: {result['tracks']} tracks ({source}, ~{result['seconds']} s, "
-          f"{result['sample_rate']} Hz, {result['channels']} ch), {workers} decoding threads, "
-          f"{result['machine']['cores']} cores, nice {result['machine']['nice']}, batch_size {result['batch_size']}")
-    print(f"model: {result['model']}")
-    print(table(rows, headers))
-    print("t/s = tracks per second; embed/floor = (decode+mel t/s) / (crnnembed t/s), target <= 2; "
-          "steady = without the 1-track start-up cost")
+    print(table(rows, ["windows", "decode", "decode+mel", "model only", "crnnembed", "steady", "embed/floor",
+                       "steady/floor", "start-up s", "peak RSS MiB 1 / N/4 / N"]))
+    print()
+    print(f"CPU seconds per track (independent of other load), and the rate they allow on {cores} free cores:")
+    rows = []
+    for r in result["runs"]:
+        rows.append([r["windows"], r["decode_cpu_per_track"], r["decode_mel_cpu_per_track"],
+                     r.get("model_cpu_per_track", float("nan")), r["embed_cpu_per_track"], r["ratio_cpu"],
+                     cores / r["decode_mel_cpu_per_track"], cores / r["embed_cpu_per_track"], r["embed1_cpu_s"]])
+    print(table(rows, ["windows", "decode", "decode+mel", "model only", "crnnembed", "embed/floor",
+                       "floor t/s bound", "crnnembed t/s bound", "start-up CPU s"]))
+    print("floor = decode + log-mel; embed/floor target <= 2; steady = without the 1-track start-up; "
+          "t/s bound = cores / CPU s per track")
     print_json(result)
 
 
