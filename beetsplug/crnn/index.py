@@ -50,6 +50,7 @@ def default_search_k(n_items: int, n_trees: int, k: int) -> int:
 # 8 threads build as fast as 2 on a 2-core box and still use up to 8 cores.
 BUILD_THREADS = 8
 SEED = 20240601
+_BLOCK = 65536  # rows normalised at a time while building
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -77,7 +78,9 @@ class SimilarityIndex:
     def build(cls, ids, vectors, probs, genres, fingerprint, n_trees=DEFAULT_N_TREES) -> SimilarityIndex:
         """Index ``vectors`` (n, d); rows must be finite and non-zero (a zero vector has no direction)."""
         ids = np.asarray(ids)
-        vectors = np.asarray(vectors, dtype=np.float64)
+        vectors = np.asarray(vectors)
+        if vectors.dtype not in (np.float32, np.float64):
+            vectors = vectors.astype(np.float64)
         probs = np.asarray(probs, dtype=np.float32)
         genres = [str(g) for g in genres]
         if vectors.ndim != 2 or vectors.shape[1] < 1:
@@ -90,17 +93,24 @@ class SimilarityIndex:
             raise SimilarityIndexError("ids are not unique")
         if probs.shape != (n, len(genres)):
             raise SimilarityIndexError(f"probs shape {probs.shape} does not match ({n}, {len(genres)} genres)")
-        norms = np.linalg.norm(vectors, axis=1)
+        # In float64 like before, but a block at a time: a million 68-d float64 copies were 1 GB.
+        norms = np.empty(n, dtype=np.float64)
+        unit = np.empty((n, dim), dtype=np.float32)
+        for s in range(0, n, _BLOCK):
+            block = vectors[s:s + _BLOCK].astype(np.float64)
+            norms[s:s + _BLOCK] = np.linalg.norm(block, axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                unit[s:s + _BLOCK] = block / norms[s:s + _BLOCK, None]
         bad = ~np.isfinite(norms) | (norms == 0)
         if bad.any():
             raise SimilarityIndexError(f"{int(bad.sum())} vectors are zero or not finite (first: item {ids[bad][0]})")
         if int(n_trees) < 1:
             raise SimilarityIndexError(f"n_trees must be at least 1, got {n_trees}")
-        unit = (vectors / norms[:, None]).astype(np.float32)
         annoy = AnnoyIndex(dim, "angular")
         annoy.set_seed(SEED)
         for row, v in enumerate(unit):
             annoy.add_item(row, v)
+        del unit  # Annoy holds its own copy
         annoy.build(int(n_trees), n_jobs=BUILD_THREADS)
         return cls(ids, probs, genres, str(fingerprint), dim, int(n_trees), annoy)
 
