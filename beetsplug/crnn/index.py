@@ -28,13 +28,14 @@ FORMAT_VERSION = 1
 # grows, so the default grows with sqrt(n). Measured with bench/similar.py (68-d, 2000 gaussian
 # clusters with centres N(0, I) and noise sigma 1, i.e. within-cluster cosine ~0.5; 16 trees;
 # recall@10 against exact cosine, the query item excluded):
-#   n = 10k:  search_k  5000 -> 0.94           n = 1M:  search_k   5000 -> 0.75
-#   n = 100k: search_k  5000 -> 0.85                    search_k  20000 -> 0.91
-#             search_k 20000 -> 0.97                    search_k  50000 -> 0.97  (~7 ms)
-#             search_k 50000 -> 1.00                    search_k 100000 -> 0.99  (~13 ms)
+#   n = 10k:  search_k  5000 -> 0.95           n = 1M:  search_k   5000 -> 0.75
+#             search_k 20000 -> 1.00  (1 ms)            search_k  20000 -> 0.90
+#   n = 100k: search_k  5000 -> 0.85                    search_k  50000 -> 0.965 (7 ms)
+#             search_k 20000 -> 0.98                    search_k 100000 -> 0.989 (13 ms)
+#             search_k 31623 -> 0.99  (3 ms)            search_k 200000 -> 0.997 (23 ms)
 # The default, max(SEARCH_K_MIN, SEARCH_K_PER_SQRT_N * sqrt(n)), is 20000 at 10k-40k items,
-# ~32000 at 100k and 100000 at 1M: recall@10 >= 0.97 at every size for a few ms per query,
-# which is small next to a `beet similar` process's start-up.
+# ~32000 at 100k and 100000 at 1M: recall@10 ~0.99 at every size for at most ~15 ms per query,
+# which is small next to a `beet similar` process's start-up (~0.3 s).
 DEFAULT_N_TREES = 16
 SEARCH_K_MIN = 20000
 SEARCH_K_PER_SQRT_N = 100
