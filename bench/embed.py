@@ -77,9 +77,10 @@ def resolve_model(arg, tmp: Path):
 
     if arg:
         return Path(arg), f"--model {arg}"
-    shipped = default_weights_dir()
-    if (shipped / CARD_NAME).is_file():
-        return shipped, f"shipped model {shipped}"
+    # This checkout's model_weights/ first: an installed copy of the plugin elsewhere must not stand in.
+    for shipped in (ROOT / "model_weights", default_weights_dir()):
+        if (shipped / CARD_NAME).is_file():
+            return shipped, f"shipped model {shipped}"
     from beetsplug.crnn.model import build
     from beetsplug.crnn.train import save_model
 
