@@ -11,6 +11,6 @@ fi
 
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 
-export TF_CPP_MIN_LOG_LEVEL=3 TF_ENABLE_ONEDNN_OPTS=0
+export TF_CPP_MIN_LOG_LEVEL=3
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$PWD/.cache/numba}"
 exec python3 -m pytest "$@"

@@ -15,7 +15,6 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "emotify"
 GENRES = ["classical", "electronic", "pop", "rock"]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
 
 

@@ -25,9 +25,12 @@ def test_plan_windows_spread_and_aligned():
     assert audio.plan_windows(w // 3, 3) == [0]  # shorter than a window: one, padded
     assert audio.plan_windows(w, 3) == [0]
     starts = audio.plan_windows(10 * w, 3)
-    assert len(starts) == 3 and starts[0] == 0
+    assert len(starts) == 3
     assert all(s % audio.HOP_LENGTH == 0 for s in starts)
-    assert starts[-1] + w <= 10 * w and starts[-1] > 9 * w - 2 * audio.HOP_LENGTH  # reaches the end
+    for i, s in enumerate(starts):  # each window centred in its third of the track
+        assert abs(s + w / 2 - (i + 0.5) * 10 * w / 3) <= audio.HOP_LENGTH
+    assert audio.plan_windows(10 * w, 1) == [(9 * w // 2) // audio.HOP_LENGTH * audio.HOP_LENGTH]  # the middle
+    assert audio.plan_windows(int(1.9 * w), 2) == [0, int(0.9 * w) // audio.HOP_LENGTH * audio.HOP_LENGTH]  # whole clip
     assert len(audio.plan_windows(int(1.5 * w), 5)) == 2  # no more windows than the track holds
     with pytest.raises(ValueError):
         audio.plan_windows(w, 0)

@@ -41,10 +41,12 @@ def _clock(samples: float) -> str:
 
 
 def plan_windows(n_samples: int, n_windows: int = DEFAULT_WINDOWS) -> list[int]:
-    """Start samples of up to ``n_windows`` windows spread evenly from start to end.
+    """Start samples of up to ``n_windows`` windows, one centred in each of as many equal parts.
 
-    Starts are multiples of the hop, so the frames line up with a whole-clip log-mel.
-    A track shorter than one window gets one window at 0 (padded later).
+    Centring in parts keeps windows off the intro and fade-out of a long track, and one
+    window is the middle of it. Starts are multiples of the hop, so the frames line up
+    with a whole-clip log-mel. A track shorter than one window gets one window at 0
+    (padded later).
     """
     if n_windows < 1:
         raise ValueError("n_windows must be at least 1")
@@ -52,10 +54,8 @@ def plan_windows(n_samples: int, n_windows: int = DEFAULT_WINDOWS) -> list[int]:
     if last <= 0:
         return [0]
     wanted = min(n_windows, math.ceil(n_samples / WINDOW_SAMPLES))
-    if wanted == 1:
-        starts = [last // 2]  # one window: the middle says most about a song
-    else:
-        starts = [round(i * last / (wanted - 1)) for i in range(wanted)]
+    centres = [(i + 0.5) * n_samples / wanted for i in range(wanted)]
+    starts = [min(max(round(c - WINDOW_SAMPLES / 2), 0), last) for c in centres]
     return sorted({(s // HOP_LENGTH) * HOP_LENGTH for s in starts})
 
 

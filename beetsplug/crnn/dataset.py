@@ -132,3 +132,22 @@ def random_crop(mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     extra = mel.shape[1] - WINDOW_FRAMES
     start = int(rng.integers(0, extra + 1)) if extra > 0 else 0
     return mel[:, start : start + WINDOW_FRAMES]
+
+
+def mask_bands(mel: np.ndarray, rng: np.random.Generator, n_masks=2, max_bands=12, max_frames=120) -> np.ndarray:
+    """SpecAugment-style masking: a few mel bands and time spans set to the crop's mean level.
+
+    Hides single cues (one instrument's band, one drum fill) so a small training set cannot
+    be memorised from them.
+    """
+    out = mel.copy()
+    fill = float(out.mean())
+    n_bands, n_frames = out.shape
+    for _ in range(n_masks):
+        w = int(rng.integers(0, max_bands + 1))
+        f0 = int(rng.integers(0, n_bands - w + 1))
+        out[f0 : f0 + w, :] = fill
+        t = int(rng.integers(0, max_frames + 1))
+        t0 = int(rng.integers(0, n_frames - t + 1))
+        out[:, t0 : t0 + t] = fill
+    return out

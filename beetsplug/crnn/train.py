@@ -21,7 +21,7 @@ import numpy as np
 from . import dataset
 from .audio import DEFAULT_WINDOWS
 from .errors import CrnnError, ModelError
-from .model import CARD_NAME, DEFAULT_ARCHITECTURE, WEIGHTS_NAME, ModelCard, build, quiet_tensorflow, sha256_of
+from .model import CARD_NAME, DEFAULT_ARCHITECTURE, WEIGHTS_NAME, ModelCard, build, import_tensorflow, sha256_of
 
 DEFAULT_CACHE = Path(".cache") / "mels"
 
@@ -60,8 +60,8 @@ class Trainer:
         self.val_windows = [dataset.serving_windows(*self.cache.get(r.path), n_windows) for r in self.val_records]
         self.val_y = np.array([self.genres.index(r.genre) for r in self.val_records])
 
-    def epoch_data(self, rng, crops_per_clip, mixup):
-        """Class-balanced random crops (with mixup when alpha > 0) for one epoch."""
+    def epoch_data(self, rng, crops_per_clip, mixup, masking=False):
+        """Class-balanced random crops (with masking and mixup when asked) for one epoch."""
         n = crops_per_clip * len(self.train_mels)
         per_class = int(np.ceil(n / len(self.genres)))
         picks = []
@@ -70,7 +70,10 @@ class Trainer:
             if len(members):
                 picks.append(rng.choice(members, per_class, replace=len(members) < per_class))
         picks = rng.permutation(np.concatenate(picks))
-        x = np.stack([dataset.random_crop(self.train_mels[i], rng) for i in picks])[..., None]
+        crops = (dataset.random_crop(self.train_mels[i], rng) for i in picks)
+        if masking:
+            crops = (dataset.mask_bands(c, rng) for c in crops)
+        x = np.stack(list(crops))[..., None]
         y = _one_hot(self.train_y[picks], len(self.genres))
         if mixup > 0:
             lam = rng.beta(mixup, mixup, size=len(x)).astype(np.float32)
@@ -115,8 +118,8 @@ class Trainer:
         return np.array(out)
 
     def fit(self, epochs=40, patience=8, crops_per_clip=2, batch_size=16, mixup=0.0, lr=1e-3, seed=0,
-            architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True):
-        quiet_tensorflow()
+            architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False):
+        import_tensorflow()
         import keras
 
         keras.utils.set_random_seed(seed)
@@ -141,7 +144,7 @@ class Trainer:
         history, stale, start = [], 0, time.time()
         val_onehot = _one_hot(self.val_y, len(self.genres))
         for epoch in range(1, epochs + 1):
-            x, y = self.epoch_data(rng, crops_per_clip, mixup)
+            x, y = self.epoch_data(rng, crops_per_clip, mixup, masking)
             if max_steps is not None:
                 x, y = x[: max_steps * batch_size], y[: max_steps * batch_size]
             h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
@@ -200,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crops", type=int, default=2, help="random crops per training clip per epoch")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
+    p.add_argument("--masking", action="store_true",
+                   help="mask random mel bands and time spans of each crop (SpecAugment-style)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip when validating")
@@ -225,7 +230,8 @@ def run(args, log=print) -> ModelCard:
     full, arch, info = trainer.fit(epochs=args.epochs, patience=args.patience, crops_per_clip=args.crops,
                                    batch_size=args.batch_size, mixup=args.mixup, lr=args.lr, seed=args.seed,
                                    architecture=arch, init_from=args.init_from, max_minutes=args.max_minutes,
-                                   max_steps=args.max_steps, recalibrate=not args.no_recalibrate)
+                                   max_steps=args.max_steps, recalibrate=not args.no_recalibrate,
+                                   masking=args.masking)
     extra = {
         "training": {
             "data": str(args.data),
@@ -233,7 +239,8 @@ def run(args, log=print) -> ModelCard:
             "command": getattr(args, "command", None) or " ".join(["python -m beetsplug.crnn.train"] + [shlex.quote(a) for a in sys.argv[1:]]),
             "optimizer": {"name": "adam", "lr": args.lr, "beta_1": 0.9, "beta_2": 0.999},
             "loss": "binary_crossentropy",
-            "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "seed": args.seed,
+            "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "masking": args.masking,
+            "seed": args.seed,
             "batchnorm_recalibrated": not args.no_recalibrate, "init_from": args.init_from,
             "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"], "minutes": info["minutes"],
             "history": info["history"],
