@@ -320,7 +320,12 @@ def test_sigkill_and_sigint_halfway_then_rerun(tmp_path, tiny_model):
     time.sleep(0.3)  # now blocked on the gate
     t = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"crnnembed did not stop within 30 s of SIGINT:\n{out}\n{err}")
     assert time.monotonic() - t < 15
     no_traceback(err + out)
     assert proc.returncode == 1, err

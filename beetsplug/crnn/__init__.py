@@ -35,7 +35,7 @@ class CrnnPlugin(BeetsPlugin):
             {
                 "auto": False,  # embed tracks as they are imported
                 "model": "",  # folder with crnn.json + weights; empty = the shipped model
-                "windows": 3,  # analysis windows (~32 s each) per track, one centred in each of as many parts
+                "windows": 2,  # analysis windows (~32 s each) per track, one centred in each of as many parts
                 "workers": 0,  # decoding threads; 0 = number of cores
                 "batch_size": 4,  # windows per CRNN call (on CPU, 16 costs the same per window but ~0.55 GB more RAM)
                 "timeout": 120.0,  # seconds one file may take to decode

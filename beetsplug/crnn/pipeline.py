@@ -117,7 +117,9 @@ class _DecodePool:
                 continue
             left = task.started + timeout - time.monotonic()
             if left > 0:
-                task.done.wait(left)
+                # Short waits: a Ctrl-C that the kernel hands to one of TensorFlow's threads is only
+                # seen when the main thread runs Python again, so it must not sleep for the whole limit.
+                task.done.wait(min(left, 0.25))
                 continue
             with task.lock:
                 if task.done.is_set():
