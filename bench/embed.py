@@ -167,7 +167,7 @@ def model_only(model_dir, n_windows, batch_size):
     from beetsplug.crnn.audio import N_MELS, WINDOW_FRAMES
     from beetsplug.crnn.model import Embedder
 
-    emb = Embedder.load(model_dir, batch_size=batch_size)
+    emb = Embedder.load(model_dir, batch_size=batch_size, precision="auto")  # as crnnembed by default
     x = np.random.default_rng(0).normal(-30, 20, (batch_size, N_MELS, WINDOW_FRAMES)).astype(np.float32)
     emb(x)
     done, c, t = 0, time.process_time(), time.perf_counter()

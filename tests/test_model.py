@@ -14,7 +14,7 @@ from audiogen import signal, write
 from beetsplug.crnn import audio, dataset
 from beetsplug.crnn.errors import ModelError
 from beetsplug.crnn.features import log_mel
-from beetsplug.crnn.model import Embedder, ModelCard, default_weights_dir
+from beetsplug.crnn.model import Embedder, ModelCard, default_weights_dir, resolve_precision
 from conftest import ROOT, BeetsEnv
 
 REGRESSION = Path(__file__).parent / "data" / "shipped_outputs.npz"
@@ -154,6 +154,24 @@ def test_shipped_weights_give_stored_outputs():
     emb, probs = Embedder(card)(_fixed_input())
     np.testing.assert_allclose(emb, stored["embeddings"], atol=1e-4)
     np.testing.assert_allclose(probs, stored["probs"], atol=1e-4)
+
+
+def test_bfloat16_inference_stays_close_to_float32():
+    """The shipped model in bfloat16 (crnnembed's choice on CPUs that have it) ranks like float32."""
+    card = shipped_card()
+    x = _fixed_input()
+    emb32, probs32 = Embedder(card, precision="float32")(x)
+    emb16, probs16 = Embedder(card, precision="bfloat16")(x)
+    assert np.all(np.sum(emb32 * emb16, axis=1) > 0.999)  # cosine between the two unit vectors
+    np.testing.assert_allclose(probs16, probs32, atol=2e-2)
+
+
+def test_precision_choice():
+    assert resolve_precision("float32") == "float32"
+    assert resolve_precision("bfloat16") == "bfloat16"
+    assert resolve_precision("auto") in ("float32", "bfloat16")
+    with pytest.raises(ModelError):
+        resolve_precision("int8")
 
 
 def regenerate():

@@ -38,6 +38,7 @@ class CrnnPlugin(BeetsPlugin):
                 "windows": 2,  # analysis windows (~32 s each) per track, one centred in each of as many parts
                 "workers": 0,  # decoding threads; 0 = number of cores
                 "batch_size": 4,  # windows per CRNN call (on CPU, 16 costs the same per window but ~0.55 GB more RAM)
+                "precision": "auto",  # CRNN arithmetic: auto = bfloat16 where the CPU has it natively, else float32
                 "timeout": 120.0,  # seconds one file may take to decode
                 "write_genre": False,  # also set the `genre` field (and tags when import.write) to crnn_genre
                 "index_path": "",  # empty = crnn_index.npz in the beets config directory
@@ -138,7 +139,8 @@ class CrnnPlugin(BeetsPlugin):
             # for us that is a wrong model, so such a warning is an error.
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                embedder = Embedder(self.card(), batch_size=self.config["batch_size"].get(int))
+                embedder = Embedder(self.card(), batch_size=self.config["batch_size"].get(int),
+                                    precision=self.config["precision"].as_choice(["auto", "float32", "bfloat16"]))
         except CrnnError as exc:
             raise UserError(_one_line(str(exc))) from None
         for w in caught:

@@ -214,16 +214,53 @@ def pool_track(embeddings: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, n
     return l2_normalise(l2_normalise(embeddings).mean(axis=0)), probs.mean(axis=0).astype(np.float32)
 
 
-class Embedder:
-    """A loaded CRNN with one compiled inference function; call it with batches of log-mels."""
+PRECISIONS = ("auto", "float32", "bfloat16")
 
-    def __init__(self, card: ModelCard, batch_size: int = 8):
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); elsewhere it is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if cpu_has_bf16() else "float32"
+    return precision
+
+
+class Embedder:
+    """A loaded CRNN with one compiled inference function; call it with batches of log-mels.
+
+    ``precision="bfloat16"`` computes in bfloat16 with float32 weights (Keras mixed precision):
+    about a quarter less CPU on CPUs with native bfloat16, outputs within ~1e-2 of float32,
+    the order of the float16 the embeddings are stored in.
+    """
+
+    def __init__(self, card: ModelCard, batch_size: int = 8, precision: str = "float32"):
         card.verify()
         self.card = card
         self.batch_size = batch_size
+        self.precision = resolve_precision(precision)
         tf = import_tensorflow()
+        import keras
 
-        self.model = build_for(card)
+        previous = keras.mixed_precision.global_policy()
+        if self.precision == "bfloat16":
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            self.model = build_for(card)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
         try:
             self.model.load_weights(str(card.weights))
         except Exception as exc:
@@ -233,7 +270,7 @@ class Embedder:
         @tf.function(input_signature=[tf.TensorSpec([None, N_MELS, WINDOW_FRAMES, 1], tf.float32)], reduce_retracing=True)
         def infer(x):
             emb, probs = model(x, training=False)
-            return emb, probs
+            return tf.cast(emb, tf.float32), tf.cast(probs, tf.float32)
 
         self._infer = infer
 
