@@ -23,7 +23,7 @@ from beets.plugins import BeetsPlugin
 from beets.ui import Subcommand, UserError
 
 from . import store
-from .errors import CrnnError, StoreError
+from .errors import CrnnError, StoreError, display_path
 
 INDEX_NAME = "crnn_index.npz"
 
@@ -207,7 +207,7 @@ class CrnnPlugin(BeetsPlugin):
                     store.decode_vector(item.get(store.EMBEDDING))
                 except CrnnError as exc:
                     self._log.warning("{}: stored {} is unusable ({}); analysing it again",
-                                      _shown(item.path), store.EMBEDDING, exc)
+                                      display_path(item.path), store.EMBEDDING, exc)
                 else:
                     current += 1
                     continue
@@ -272,7 +272,7 @@ class CrnnPlugin(BeetsPlugin):
             with _sigint_held():  # all the attributes or none: beets commits even when interrupted mid-way
                 item.store()
         except (sqlite3.OperationalError, DBAccessError) as exc:
-            raise UserError(f"cannot save the analysis of {_shown(item.path)} ({exc}); the library database is "
+            raise UserError(f"cannot save the analysis of {display_path(item.path)} ({exc}); the library database is "
                             "busy or read-only. Tracks saved so far are kept: run beet crnnembed again later, "
                             "or raise beets' timeout option") from None
 
@@ -353,7 +353,7 @@ class CrnnPlugin(BeetsPlugin):
                 probs.append(store.probs_from(item, card.genres))
             except StoreError as exc:  # garbage in the database: say so, use the other seeds
                 self._log.warning("{}: stored {} is unusable ({}); not used as a seed. beet crnnembed analyses it "
-                                  "again", _shown(item.path), store.EMBEDDING, exc)
+                                  "again", display_path(item.path), store.EMBEDDING, exc)
             except CrnnError as exc:
                 self._log.debug("seed {}: {}", item, exc)
         if not vectors:
@@ -446,10 +446,6 @@ def _one_line(text: str) -> str:
         return text.strip()
     shapes = re.search(r"variable\.shape=\([^)]*\),? Received: value\.shape=\([^)]*\)", text)
     return lines[0].rstrip(":") + (f" ({shapes.group(0)})" if shapes else "")
-
-
-def _shown(path) -> str:
-    return os.fsencode(path).decode("utf-8", "replace")
 
 
 @contextlib.contextmanager

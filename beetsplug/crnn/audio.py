@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from .errors import AudioError
+from .errors import AudioError, display_path
 
 SAMPLE_RATE = 22050
 N_FFT = 2048
@@ -28,11 +28,6 @@ DEFAULT_WINDOWS = 2  # a 3-minute track: the middle of its first and second half
 DEFAULT_TIMEOUT = 120.0
 # Audio may end this much before the length a header promises (VBR estimates) before it counts as truncated.
 TRUNCATION_SLACK = SAMPLE_RATE
-
-
-def _display(path) -> str:
-    """A path for messages: text even when the name is not valid UTF-8."""
-    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def _clock(samples: float) -> str:
@@ -93,7 +88,7 @@ class AudioFile:
 
     def __init__(self, path, timeout: float | None = DEFAULT_TIMEOUT):
         self.path = path
-        self.name = _display(path)
+        self.name = display_path(path)
         self.timeout = timeout or None
         self.warning = None
         self._fspath = os.fsencode(path)  # bytes: any file name the OS accepts, valid UTF-8 or not

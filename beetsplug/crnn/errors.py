@@ -1,5 +1,12 @@
 """One root exception, so the plugin glue can turn any failure into a one-line message."""
 
+import os
+
+
+def display_path(path) -> str:
+    """A path for messages: text even when the name is not valid UTF-8 (str or bytes in)."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
 
 class CrnnError(Exception):
     """Base class of every error beets-crnn raises on purpose."""

@@ -15,7 +15,7 @@ import numpy as np
 from beets.dbcore.db import DBAccessError
 
 from . import store
-from .errors import StoreError
+from .errors import StoreError, display_path
 
 
 # The staleness check reads every crnn_stamp row. item_attributes holds ~10 rows per embedded
@@ -138,8 +138,7 @@ def _describe(lib, item_id: int) -> str:
     except Exception:
         path = None
     if isinstance(path, (bytes, str)) and path:
-        text = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
-        return f"item {item_id} ({text})"
+        return f"item {item_id} ({display_path(path)})"
     return f"item {item_id}"
 
 

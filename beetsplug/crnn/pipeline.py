@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from . import audio
-from .errors import AudioError, CrnnError
+from .errors import AudioError, CrnnError, display_path
 from .features import log_mel
 from .model import pool_track
 
@@ -166,11 +166,11 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
         except CrnnError:
             raise
         except FileNotFoundError:
-            raise AudioError(f"{audio._display(path)}: file not found") from None
+            raise AudioError(f"{display_path(path)}: file not found") from None
         except PermissionError:
-            raise AudioError(f"{audio._display(path)}: permission denied") from None
+            raise AudioError(f"{display_path(path)}: permission denied") from None
         except Exception as exc:  # a decoder bug in one file must not end the batch
-            raise AudioError(f"{audio._display(path)}: {type(exc).__name__}: {exc}") from None
+            raise AudioError(f"{display_path(path)}: {type(exc).__name__}: {exc}") from None
 
     def flush():
         if not pending:
@@ -182,7 +182,7 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
             e, p = pool_track(embs[i : i + len(m)], probs[i : i + len(m)])
             i += len(m)
             if not (np.all(np.isfinite(e)) and np.all(np.isfinite(p)) and abs(float(np.linalg.norm(e)) - 1) < 1e-3):
-                out.append(Result(task.key, task.path, error=f"{audio._display(task.path)}: the model gave no "
+                out.append(Result(task.key, task.path, error=f"{display_path(task.path)}: the model gave no "
                                                              "usable embedding (NaN or zero vector)"))
             else:
                 out.append(Result(task.key, task.path, e, p, mtime, warning=warning))
@@ -209,7 +209,7 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
             refill()
             if not pool.wait(task, timeout):
                 yield Result(task.key, task.path,
-                             error=f"{audio._display(task.path)}: decoding took longer than {timeout:g} s")
+                             error=f"{display_path(task.path)}: decoding took longer than {timeout:g} s")
                 continue
             if task.error is not None:
                 if isinstance(task.error, CrnnError):
