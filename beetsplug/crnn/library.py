@@ -6,8 +6,6 @@ tracks; the index needs four attributes, so these functions read them with plain
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 import sqlite3
 
@@ -120,12 +118,10 @@ def read_embeddings(lib, model_id: str, genres, dim: int | None = None, log=None
 
 
 def _b64(text):
-    """base64 -> bytes as decode_vector reads it; None where it is not valid base64."""
-    if not isinstance(text, (str, bytes)):
-        return None
+    """The stored bytes, or None where there are none (decode_vector words the reason later)."""
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
+        return store.vector_bytes(text)
+    except StoreError:
         return None
 
 

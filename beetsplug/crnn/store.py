@@ -35,14 +35,19 @@ def encode_vector(v) -> str:
     return base64.b64encode(v.tobytes()).decode("ascii")
 
 
-def decode_vector(text, dim: int | None = None) -> np.ndarray:
-    """The unit vector stored in ``text``; StoreError if it is not a valid embedding."""
+def vector_bytes(text) -> bytes:
+    """The raw float16 bytes of a stored embedding; StoreError if it is empty or not base64."""
     if not isinstance(text, (str, bytes)) or not text:
         raise StoreError("embedding is empty")
     try:
-        raw = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise StoreError("embedding is not valid base64") from None
+
+
+def decode_vector(text, dim: int | None = None) -> np.ndarray:
+    """The unit vector stored in ``text``; StoreError if it is not a valid embedding."""
+    raw = vector_bytes(text)
     if len(raw) % 2 or (dim is not None and len(raw) != 2 * dim):
         raise StoreError(f"embedding has {len(raw) // 2} values, expected {dim}")
     v = np.frombuffer(raw, dtype="<f2").astype(np.float32)
