@@ -132,7 +132,7 @@ class CrnnPlugin(BeetsPlugin):
     def embedder(self):
         import warnings
 
-        from .model import Embedder
+        from .model import PRECISIONS, Embedder
 
         try:
             # Keras reports weights it could not place as warnings and carries on with random ones:
@@ -140,7 +140,7 @@ class CrnnPlugin(BeetsPlugin):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 embedder = Embedder(self.card(), batch_size=self.config["batch_size"].get(int),
-                                    precision=self.config["precision"].as_choice(["auto", "float32", "bfloat16"]))
+                                    precision=self.config["precision"].as_choice(list(PRECISIONS)))
         except CrnnError as exc:
             raise UserError(_one_line(str(exc))) from None
         for w in caught:
@@ -253,8 +253,7 @@ class CrnnPlugin(BeetsPlugin):
             return ""
         for key in keys:
             del item[key]
-        with _sigint_held():
-            item.store()
+        self._save(item)
         return "; removed its analysis of an earlier version"
 
     def _store(self, item, result, card, write):
@@ -268,6 +267,11 @@ class CrnnPlugin(BeetsPlugin):
             if write and item.try_write():
                 # Writing tags changes the file's mtime: record the new one so the vector stays current.
                 item[store.MTIME] = os.stat(item.path).st_mtime
+        self._save(item)
+
+    @staticmethod
+    def _save(item):
+        """Store an item's crnn attributes whole, or report a busy/read-only database in one line."""
         try:
             with _sigint_held():  # all the attributes or none: beets commits even when interrupted mid-way
                 item.store()
