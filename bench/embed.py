@@ -40,7 +40,6 @@ import numpy as np
 from _common import ROOT, SHARED_EMOTIFY, beet, machine, mib, print_json, table, write_config  # noqa: E402
 
 GENRES = ["classical", "electronic", "pop", "rock"]
-PAPER_ARCH = {"conv_filters": [68, 137, 137, 137], "gru_units": 68, "dropout": 0.1}
 
 
 _LOG = None
@@ -73,7 +72,8 @@ def quiet_fd2():
 
 def resolve_model(arg, tmp: Path):
     """(model dir, how it was chosen)."""
-    from beetsplug.crnn.model import CARD_NAME, default_weights_dir
+    from beetsplug.crnn.model import CARD_NAME, DEFAULT_ARCHITECTURE, build, default_weights_dir
+    from beetsplug.crnn.train import save_model
 
     if arg:
         return Path(arg), f"--model {arg}"
@@ -81,12 +81,10 @@ def resolve_model(arg, tmp: Path):
     for shipped in (ROOT / "model_weights", default_weights_dir()):
         if (shipped / CARD_NAME).is_file():
             return shipped, f"shipped model {shipped}"
-    from beetsplug.crnn.model import build
-    from beetsplug.crnn.train import save_model
-
     folder = tmp / "model"
-    net = build(len(GENRES), PAPER_ARCH["conv_filters"], PAPER_ARCH["gru_units"], PAPER_ARCH["dropout"])
-    card = save_model(net, folder, GENRES, PAPER_ARCH,
+    arch = DEFAULT_ARCHITECTURE
+    net = build(len(GENRES), arch["conv_filters"], arch["gru_units"], arch["dropout"])
+    card = save_model(net, folder, GENRES, arch,
                       {"training": {"note": "random weights made by bench/embed.py: speed does not depend on them"}},
                       name="bench-random")
     return folder, f"no shipped model: built the paper architecture (conv 68-137-137-137, GRU 68) with random weights ({card.model_id})"
@@ -156,9 +154,9 @@ def floor_decode(files, windows, workers):
 
 
 def floor_decode_mel(files, windows, workers):
-    from beetsplug.crnn import pipeline
+    from beetsplug.crnn import audio, pipeline
 
-    wall, cpu, out = timed_map(lambda p: len(pipeline.track_mels(p, windows, 120.0)[0]), files, workers)
+    wall, cpu, out = timed_map(lambda p: len(pipeline.track_mels(p, windows, audio.DEFAULT_TIMEOUT)[0]), files, workers)
     return wall, cpu, sum(out)
 
 
