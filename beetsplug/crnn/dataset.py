@@ -151,3 +151,20 @@ def mask_bands(mel: np.ndarray, rng: np.random.Generator, n_masks=2, max_bands=1
         t0 = int(rng.integers(0, n_frames - t + 1))
         out[:, t0 : t0 + t] = fill
     return out
+
+
+def shift_bands(mel: np.ndarray, rng: np.random.Generator, max_shift=4) -> np.ndarray:
+    """Move the crop up or down by a few mel bands (about a pitch/timbre shift), edges repeated.
+
+    Keys, singers and recording chains differ between artists; a genre does not live at one
+    exact band, and the artist-disjoint splits punish a model that thinks it does.
+    """
+    k = int(rng.integers(-max_shift, max_shift + 1))
+    if k == 0:
+        return mel
+    out = np.roll(mel, k, axis=0)
+    if k > 0:
+        out[:k] = mel[0]
+    else:
+        out[k:] = mel[-1]
+    return out

@@ -60,8 +60,8 @@ class Trainer:
         self.val_windows = [dataset.serving_windows(*self.cache.get(r.path), n_windows) for r in self.val_records]
         self.val_y = np.array([self.genres.index(r.genre) for r in self.val_records])
 
-    def epoch_data(self, rng, crops_per_clip, mixup, masking=False):
-        """Class-balanced random crops (with masking and mixup when asked) for one epoch."""
+    def epoch_data(self, rng, crops_per_clip, mixup, masking=False, shift=0):
+        """Class-balanced random crops (with band shifts, masking and mixup when asked) for one epoch."""
         n = crops_per_clip * len(self.train_mels)
         per_class = int(np.ceil(n / len(self.genres)))
         picks = []
@@ -71,6 +71,8 @@ class Trainer:
                 picks.append(rng.choice(members, per_class, replace=len(members) < per_class))
         picks = rng.permutation(np.concatenate(picks))
         crops = (dataset.random_crop(self.train_mels[i], rng) for i in picks)
+        if shift:
+            crops = (dataset.shift_bands(c, rng, shift) for c in crops)
         if masking:
             crops = (dataset.mask_bands(c, rng) for c in crops)
         x = np.stack(list(crops))[..., None]
@@ -118,7 +120,8 @@ class Trainer:
         return np.array(out)
 
     def fit(self, epochs=40, patience=8, crops_per_clip=2, batch_size=16, mixup=0.0, lr=1e-3, seed=0,
-            architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False):
+            architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False,
+            shift=0, average=1):
         import_tensorflow()
         import keras
 
@@ -141,10 +144,11 @@ class Trainer:
         net = keras.Model(full.input, full.outputs[1])
         net.compile(optimizer=keras.optimizers.Adam(lr, beta_1=0.9, beta_2=0.999), loss="binary_crossentropy")
         best = (np.inf, None, 0)
+        kept = []  # (score, epoch, weights) of the `average` best epochs
         history, stale, start = [], 0, time.time()
         val_onehot = _one_hot(self.val_y, len(self.genres))
         for epoch in range(1, epochs + 1):
-            x, y = self.epoch_data(rng, crops_per_clip, mixup, masking)
+            x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift)
             if max_steps is not None:
                 x, y = x[: max_steps * batch_size], y[: max_steps * batch_size]
             h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
@@ -161,6 +165,8 @@ class Trainer:
             row["minutes"] = round((time.time() - start) / 60, 2)
             history.append(row)
             self.log(json.dumps(row))
+            if average > 1:
+                kept = sorted(kept + [(score, epoch, net.get_weights())], key=lambda k: k[0])[:average]
             if score < best[0]:
                 best, stale = (score, net.get_weights(), epoch), 0
             else:
@@ -174,8 +180,30 @@ class Trainer:
                 self.log(f"time limit of {max_minutes} minutes reached")
                 break
         net.set_weights(best[1])
-        return full, arch, {"best_epoch": best[2], "epochs_run": len(history), "history": history,
-                            "minutes": round((time.time() - start) / 60, 1)}
+        info = {"best_epoch": best[2], "epochs_run": len(history), "history": history}
+        if len(kept) > 1 and self.val_windows:
+            info["averaging"] = self._try_average(net, kept, best, rng, val_onehot, recalibrate)
+        info["minutes"] = round((time.time() - start) / 60, 1)
+        return full, arch, info
+
+    def _try_average(self, net, kept, best, rng, val_onehot, recalibrate) -> dict:
+        """Average the weights of the best epochs; keep the average only if val says it is better.
+
+        Averaging nearby points of one training run lands in a flatter spot than any of them,
+        which generalises better on small data; val decides, so it cannot make things worse there.
+        """
+        mean = [np.mean([w[i] for _, _, w in kept], axis=0) for i in range(len(kept[0][2]))]
+        net.set_weights(mean)
+        if recalibrate:
+            self.recalibrate(net, rng)
+        p = self.predict_clips(net, self.val_windows)
+        report = {"epochs": [e for _, e, _ in kept], "val_loss": _bce(val_onehot, p),
+                  "val_acc": float(np.mean(p.argmax(1) == self.val_y)), "best_single_val_loss": float(best[0])}
+        report["used"] = report["val_loss"] < best[0]
+        self.log(json.dumps({"averaging": report}))
+        if not report["used"]:
+            net.set_weights(best[1])
+        return report
 
 
 def save_model(full_model, out_dir, genres, arch, extra, name="crnn") -> ModelCard:
@@ -205,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
     p.add_argument("--masking", action="store_true",
                    help="mask random mel bands and time spans of each crop (SpecAugment-style)")
+    p.add_argument("--shift", type=int, default=0, help="shift crops by up to this many mel bands (0 = off)")
+    p.add_argument("--average", type=int, default=1,
+                   help="average the weights of this many best epochs; kept if val loss improves (1 = off)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip when validating")
@@ -231,7 +262,7 @@ def run(args, log=print) -> ModelCard:
                                    batch_size=args.batch_size, mixup=args.mixup, lr=args.lr, seed=args.seed,
                                    architecture=arch, init_from=args.init_from, max_minutes=args.max_minutes,
                                    max_steps=args.max_steps, recalibrate=not args.no_recalibrate,
-                                   masking=args.masking)
+                                   masking=args.masking, shift=args.shift, average=args.average)
     extra = {
         "training": {
             "data": str(args.data),
@@ -240,10 +271,12 @@ def run(args, log=print) -> ModelCard:
             "optimizer": {"name": "adam", "lr": args.lr, "beta_1": 0.9, "beta_2": 0.999},
             "loss": "binary_crossentropy",
             "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "masking": args.masking,
+            "shift": args.shift, "average": args.average,
             "seed": args.seed,
             "batchnorm_recalibrated": not args.no_recalibrate, "init_from": args.init_from,
             "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"], "minutes": info["minutes"],
             "history": info["history"],
+            **({"averaging": info["averaging"]} if "averaging" in info else {}),
         },
     }
     card = save_model(full, args.out, trainer.genres, arch, extra, name=args.name)
