@@ -12,7 +12,7 @@ import pytest
 
 from audiogen import signal, write
 from beetsplug.crnn import audio, dataset
-from beetsplug.crnn.errors import ModelError
+from beetsplug.crnn.errors import CrnnError, ModelError
 from beetsplug.crnn.features import log_mel
 from beetsplug.crnn.model import Embedder, ModelCard, default_weights_dir, resolve_precision
 from conftest import ROOT, BeetsEnv
@@ -76,6 +76,36 @@ def test_card_mismatch_is_clear(tmp_path, tiny_model):
         Embedder.load(tmp_path)
 
 
+def test_band_shift_moves_content_and_repeats_edges():
+    mel = np.arange(96, dtype=np.float32)[:, None] * np.ones((1, 10), np.float32)
+    seen = set()
+    for seed in range(20):
+        out = dataset.shift_bands(mel, np.random.default_rng(seed), max_shift=3)
+        assert out.shape == mel.shape
+        k = int(mel[50, 0] - out[50, 0])  # band i now holds what band i - k held
+        assert -3 <= k <= 3
+        seen.add(k)
+        if k > 0:
+            assert np.all(out[:k] == 0) and np.array_equal(out[k:], mel[:-k])
+        elif k < 0:
+            assert np.all(out[k:] == 95) and np.array_equal(out[:k], mel[-k:])
+        else:
+            assert np.array_equal(out, mel)
+    assert len(seen) > 3
+
+
+def test_bad_manifest_is_one_clear_error(tmp_path):
+    with pytest.raises(CrnnError, match=r"cannot read manifest .*nowhere\.csv"):
+        dataset.read_records(tmp_path / "nowhere.csv")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,genre,split\na.wav,rock,train\nb.wav,,train\n")
+    with pytest.raises(CrnnError, match=r"bad\.csv, line 3: no path or no genre"):
+        dataset.read_records(bad)
+    bad.write_bytes(b"path,genre\n\xff\xfe.wav,rock\n")
+    with pytest.raises(CrnnError, match=r"cannot read manifest .*bad\.csv"):
+        dataset.read_records(bad)
+
+
 def _tiny_dataset(root):
     """Two sound kinds as two genres; a manifest gives each split clips of both."""
     rows = ["path,genre,artist,title,album,year,split"]
@@ -92,7 +122,8 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     out = tmp_path / "model"
     proc = subprocess.run(
         [sys.executable, "-m", "beetsplug.crnn.train", str(data), "--out", str(out), "--cache", str(tmp_path / "c"),
-         "--epochs", "2", "--max-steps", "1", "--batch-size", "2", "--conv-filters", "4,4,4,4", "--gru-units", "4"],
+         "--epochs", "2", "--max-steps", "1", "--batch-size", "2", "--conv-filters", "4,4,4,4", "--gru-units", "4",
+         "--masking", "--shift", "3", "--mixup", "0.2", "--average", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -102,6 +133,10 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     assert card.architecture["conv_filters"] == [4, 4, 4, 4]
     assert card.extra["training"]["epochs_run"] == 2
     assert card.extra["training"]["optimizer"] == {"name": "adam", "lr": 0.001, "beta_1": 0.9, "beta_2": 0.999}
+    averaging = card.extra["training"]["averaging"]
+    assert sorted(averaging["epochs"]) == [1, 2]
+    # The average is kept exactly when val says it beats the best single epoch.
+    assert averaging["used"] == (averaging["val_loss"] < averaging["best_single_val_loss"])
     emb, probs = Embedder(card)(np.stack([log_mel(audio.fit_window(signal(2.0)))]))
     assert emb.shape == (1, 4) and probs.shape == (1, 2)
     assert abs(np.linalg.norm(emb[0]) - 1) < 1e-5

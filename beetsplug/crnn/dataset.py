@@ -40,19 +40,25 @@ def read_manifest(path) -> list[Record]:
     path = Path(path)
     base = path.parent
     records = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "genre"} - set(reader.fieldnames or ())
-        if missing:
-            raise CrnnError(f"manifest {path} lacks column(s): {', '.join(sorted(missing))}")
-        for row in reader:
-            p = Path(row["path"])
-            split = (row.get("split") or "train").strip().lower()
-            if split not in SPLITS:
-                raise CrnnError(f"manifest {path}: unknown split {split!r} for {p}")
-            records.append(
-                Record(p if p.is_absolute() else base / p, row["genre"].strip().lower(), split, (row.get("artist") or "").strip())
-            )
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = {"path", "genre"} - set(reader.fieldnames or ())
+            if missing:
+                raise CrnnError(f"manifest {path} lacks column(s): {', '.join(sorted(missing))}")
+            for line, row in enumerate(reader, 2):
+                if not row.get("path") or not row.get("genre"):
+                    raise CrnnError(f"manifest {path}, line {line}: no path or no genre")
+                p = Path(row["path"])
+                split = (row.get("split") or "train").strip().lower()
+                if split not in SPLITS:
+                    raise CrnnError(f"manifest {path}: unknown split {split!r} for {p}")
+                records.append(
+                    Record(p if p.is_absolute() else base / p, row["genre"].strip().lower(), split, (row.get("artist") or "").strip())
+                )
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CrnnError(f"cannot read manifest {path}: {reason}") from None
     return records
 
 
