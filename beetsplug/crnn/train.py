@@ -143,8 +143,8 @@ class Trainer:
                 raise ModelError(f"cannot start from {card.weights}: {exc}") from None
         net = keras.Model(full.input, full.outputs[1])
         net.compile(optimizer=keras.optimizers.Adam(lr, beta_1=0.9, beta_2=0.999), loss="binary_crossentropy")
-        best = (np.inf, None, 0)
-        kept = []  # (score, epoch, weights) of the `average` best epochs
+        keep = max(average, 1)
+        kept = []  # (score, epoch, weights) of the `keep` best epochs, best first
         history, stale, start = [], 0, time.time()
         val_onehot = _one_hot(self.val_y, len(self.genres))
         for epoch in range(1, epochs + 1):
@@ -165,10 +165,11 @@ class Trainer:
             row["minutes"] = round((time.time() - start) / 60, 2)
             history.append(row)
             self.log(json.dumps(row))
-            if average > 1:
-                kept = sorted(kept + [(score, epoch, net.get_weights())], key=lambda k: k[0])[:average]
-            if score < best[0]:
-                best, stale = (score, net.get_weights(), epoch), 0
+            improved = not kept or score < kept[0][0]
+            if len(kept) < keep or score < kept[-1][0]:
+                kept = sorted(kept + [(score, epoch, net.get_weights())], key=lambda k: k[0])[:keep]
+            if improved:
+                stale = 0
             else:
                 stale += 1
                 if stale % 3 == 0:  # plateau: halve the learning rate
@@ -179,30 +180,29 @@ class Trainer:
             if max_minutes is not None and (time.time() - start) / 60 > max_minutes:
                 self.log(f"time limit of {max_minutes} minutes reached")
                 break
-        net.set_weights(best[1])
-        info = {"best_epoch": best[2], "epochs_run": len(history), "history": history}
+        net.set_weights(kept[0][2])
+        info = {"best_epoch": kept[0][1], "epochs_run": len(history), "history": history}
         if len(kept) > 1 and self.val_windows:
-            info["averaging"] = self._try_average(net, kept, best, rng, val_onehot, recalibrate)
+            info["averaging"] = self._try_average(net, kept, rng, val_onehot, recalibrate)
         info["minutes"] = round((time.time() - start) / 60, 1)
         return full, arch, info
 
-    def _try_average(self, net, kept, best, rng, val_onehot, recalibrate) -> dict:
+    def _try_average(self, net, kept, rng, val_onehot, recalibrate) -> dict:
         """Average the weights of the best epochs; keep the average only if val says it is better.
 
         Averaging nearby points of one training run lands in a flatter spot than any of them,
         which generalises better on small data; val decides, so it cannot make things worse there.
         """
-        mean = [np.mean([w[i] for _, _, w in kept], axis=0) for i in range(len(kept[0][2]))]
-        net.set_weights(mean)
+        net.set_weights([np.mean(layer, axis=0) for layer in zip(*(w for _, _, w in kept))])
         if recalibrate:
             self.recalibrate(net, rng)
         p = self.predict_clips(net, self.val_windows)
         report = {"epochs": [e for _, e, _ in kept], "val_loss": _bce(val_onehot, p),
-                  "val_acc": float(np.mean(p.argmax(1) == self.val_y)), "best_single_val_loss": float(best[0])}
-        report["used"] = report["val_loss"] < best[0]
+                  "val_acc": float(np.mean(p.argmax(1) == self.val_y)), "best_single_val_loss": float(kept[0][0])}
+        report["used"] = report["val_loss"] < kept[0][0]
         self.log(json.dumps({"averaging": report}))
         if not report["used"]:
-            net.set_weights(best[1])
+            net.set_weights(kept[0][2])
         return report
 
 
