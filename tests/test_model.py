@@ -123,14 +123,14 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "beetsplug.crnn.train", str(data), "--out", str(out), "--cache", str(tmp_path / "c"),
          "--epochs", "2", "--max-steps", "1", "--batch-size", "2", "--conv-filters", "4,4,4,4", "--gru-units", "4",
-         "--masking", "--shift", "3", "--mixup", "0.2", "--average", "2"],
+         "--dropout", "0.2", "--masking", "--shift", "3", "--mixup", "0.2", "--average", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     card = ModelCard.load(out)
     card.verify()
     assert card.genres == ["busy", "calm"]
-    assert card.architecture["conv_filters"] == [4, 4, 4, 4]
+    assert card.architecture == {"conv_filters": [4, 4, 4, 4], "gru_units": 4, "dropout": 0.2}
     assert card.extra["training"]["epochs_run"] == 2
     assert card.extra["training"]["optimizer"] == {"name": "adam", "lr": 0.001, "beta_1": 0.9, "beta_2": 0.999}
     averaging = card.extra["training"]["averaging"]
@@ -145,10 +145,11 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     env = BeetsEnv(tmp_path / "beets", out)
     tuned = tmp_path / "tuned"
     env.run("crnntrain", str(data), "--out", str(tuned), "--cache", str(tmp_path / "c"), "--epochs", "1",
-            "--max-steps", "1", "--batch-size", "2", "--init-from", str(out))
+            "--max-steps", "1", "--batch-size", "2", "--init-from", str(out), "--weight-decay", "0.05")
     tuned_card = ModelCard.load(tuned)
     tuned_card.verify()
     assert tuned_card.architecture == card.architecture
+    assert tuned_card.extra["training"]["optimizer"]["weight_decay"] == 0.05
     assert tuned_card.extra["training"]["command"].startswith("beet crnntrain")
     assert tuned_card.extra["training"]["clips"] == {"train": 6, "val": 2}
 

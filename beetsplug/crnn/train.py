@@ -121,7 +121,7 @@ class Trainer:
 
     def fit(self, epochs=40, patience=8, crops_per_clip=2, batch_size=16, mixup=0.0, lr=1e-3, seed=0,
             architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False,
-            shift=0, average=1):
+            shift=0, average=1, weight_decay=0.0):
         import_tensorflow()
         import keras
 
@@ -142,7 +142,12 @@ class Trainer:
             except Exception as exc:
                 raise ModelError(f"cannot start from {card.weights}: {exc}") from None
         net = keras.Model(full.input, full.outputs[1])
-        net.compile(optimizer=keras.optimizers.Adam(lr, beta_1=0.9, beta_2=0.999), loss="binary_crossentropy")
+        # weight_decay is Keras' decoupled decay (AdamW's: each step scales weights by 1 - lr * decay);
+        # None keeps plain Adam, as in the paper. Batch-norm scales and biases are not decayed.
+        adam = keras.optimizers.Adam(lr, beta_1=0.9, beta_2=0.999, weight_decay=weight_decay or None)
+        if weight_decay:
+            adam.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+        net.compile(optimizer=adam, loss="binary_crossentropy")
         keep = max(average, 1)
         kept = []  # (score, epoch, weights) of the `keep` best epochs, best first
         history, stale, start = [], 0, time.time()
@@ -237,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--average", type=int, default=1,
                    help="average the weights of this many best epochs; kept if val loss improves (1 = off)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="decoupled weight decay as in AdamW, scaled by the learning rate (0 = plain Adam)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip when validating")
     p.add_argument("--conv-filters", default=None, help="comma-separated widths of the 4 conv layers")
     p.add_argument("--gru-units", type=int, default=None)
+    p.add_argument("--dropout", type=float, default=None, help="dropout after each conv block (default 0.1)")
     p.add_argument("--init-from", default=None, help="fine-tune from this model folder or card")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long (best weights kept)")
     p.add_argument("--max-steps", type=int, default=None, help="batches per epoch at most (smoke tests)")
@@ -258,17 +266,21 @@ def run(args, log=print) -> ModelCard:
         arch["conv_filters"] = [int(v) for v in args.conv_filters.split(",")]
     if args.gru_units:
         arch["gru_units"] = args.gru_units
+    if args.dropout is not None:
+        arch["dropout"] = args.dropout
     full, arch, info = trainer.fit(epochs=args.epochs, patience=args.patience, crops_per_clip=args.crops,
                                    batch_size=args.batch_size, mixup=args.mixup, lr=args.lr, seed=args.seed,
                                    architecture=arch, init_from=args.init_from, max_minutes=args.max_minutes,
                                    max_steps=args.max_steps, recalibrate=not args.no_recalibrate,
-                                   masking=args.masking, shift=args.shift, average=args.average)
+                                   masking=args.masking, shift=args.shift, average=args.average,
+                                   weight_decay=args.weight_decay)
     extra = {
         "training": {
             "data": str(args.data),
             "clips": {"train": len(trainer.train_records), "val": len(trainer.val_records)},
             "command": getattr(args, "command", None) or " ".join(["python -m beetsplug.crnn.train"] + [shlex.quote(a) for a in sys.argv[1:]]),
-            "optimizer": {"name": "adam", "lr": args.lr, "beta_1": 0.9, "beta_2": 0.999},
+            "optimizer": {"name": "adam", "lr": args.lr, "beta_1": 0.9, "beta_2": 0.999,
+                          **({"weight_decay": args.weight_decay} if args.weight_decay else {})},
             "loss": "binary_crossentropy",
             "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "masking": args.masking,
             "shift": args.shift, "average": args.average,
