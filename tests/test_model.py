@@ -144,11 +144,13 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     # Fine-tuning from it works through `beet crnntrain` (the same code path).
     env = BeetsEnv(tmp_path / "beets", out)
     tuned = tmp_path / "tuned"
-    env.run("crnntrain", str(data), "--out", str(tuned), "--cache", str(tmp_path / "c"), "--epochs", "1",
-            "--max-steps", "1", "--batch-size", "2", "--init-from", str(out), "--weight-decay", "0.05")
+    proc = env.run("crnntrain", str(data), "--out", str(tuned), "--cache", str(tmp_path / "c"), "--epochs", "1",
+                   "--max-steps", "1", "--batch-size", "2", "--init-from", str(out), "--weight-decay", "0.05",
+                   "--dropout", "0.3")
     tuned_card = ModelCard.load(tuned)
     tuned_card.verify()
     assert tuned_card.architecture == card.architecture
+    assert "--init-from keeps the starting model's dropout" in proc.stdout + proc.stderr
     assert tuned_card.extra["training"]["optimizer"]["weight_decay"] == 0.05
     assert tuned_card.extra["training"]["command"].startswith("beet crnntrain")
     assert tuned_card.extra["training"]["clips"] == {"train": 6, "val": 2}

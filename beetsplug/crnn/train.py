@@ -134,6 +134,9 @@ class Trainer:
             card.verify()
             if card.genres != self.genres:
                 raise ModelError(f"--init-from model knows {card.genres}, the data has {self.genres}")
+            ignored = sorted(k for k, v in (architecture or {}).items() if card.architecture.get(k) != v)
+            if ignored:
+                self.log(f"--init-from keeps the starting model's {', '.join(ignored)}")
             arch = dict(card.architecture)  # fine-tuning keeps the starting model's shape
         full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"])
         if card is not None:
