@@ -147,7 +147,10 @@ class Trainer:
         net = keras.Model(full.input, full.outputs[1])
         # weight_decay is Keras' decoupled decay (AdamW's: each step scales weights by 1 - lr * decay);
         # None keeps plain Adam, as in the paper. Batch-norm scales and biases are not decayed.
-        adam = keras.optimizers.Adam(lr, beta_1=0.9, beta_2=0.999, weight_decay=weight_decay or None)
+        optimizer = {"name": "adam", "lr": lr, "beta_1": 0.9, "beta_2": 0.999,
+                     **({"weight_decay": weight_decay} if weight_decay else {})}
+        adam = keras.optimizers.Adam(lr, beta_1=optimizer["beta_1"], beta_2=optimizer["beta_2"],
+                                     weight_decay=weight_decay or None)
         if weight_decay:
             adam.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
         net.compile(optimizer=adam, loss="binary_crossentropy")
@@ -189,7 +192,7 @@ class Trainer:
                 self.log(f"time limit of {max_minutes} minutes reached")
                 break
         net.set_weights(kept[0][2])
-        info = {"best_epoch": kept[0][1], "epochs_run": len(history), "history": history}
+        info = {"optimizer": optimizer, "best_epoch": kept[0][1], "epochs_run": len(history), "history": history}
         if len(kept) > 1 and self.val_windows:
             info["averaging"] = self._try_average(net, kept, rng, val_onehot, recalibrate)
         info["minutes"] = round((time.time() - start) / 60, 1)
@@ -251,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip when validating")
     p.add_argument("--conv-filters", default=None, help="comma-separated widths of the 4 conv layers")
     p.add_argument("--gru-units", type=int, default=None)
-    p.add_argument("--dropout", type=float, default=None, help="dropout after each conv block (default 0.1)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help=f"dropout after each conv block (default {DEFAULT_ARCHITECTURE['dropout']})")
     p.add_argument("--init-from", default=None, help="fine-tune from this model folder or card")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long (best weights kept)")
     p.add_argument("--max-steps", type=int, default=None, help="batches per epoch at most (smoke tests)")
@@ -282,8 +286,7 @@ def run(args, log=print) -> ModelCard:
             "data": str(args.data),
             "clips": {"train": len(trainer.train_records), "val": len(trainer.val_records)},
             "command": getattr(args, "command", None) or " ".join(["python -m beetsplug.crnn.train"] + [shlex.quote(a) for a in sys.argv[1:]]),
-            "optimizer": {"name": "adam", "lr": args.lr, "beta_1": 0.9, "beta_2": 0.999,
-                          **({"weight_decay": args.weight_decay} if args.weight_decay else {})},
+            "optimizer": info["optimizer"],
             "loss": "binary_crossentropy",
             "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "masking": args.masking,
             "shift": args.shift, "average": args.average,
