@@ -22,7 +22,7 @@ REGRESSION = Path(__file__).parent / "data" / "shipped_outputs.npz"
 
 def test_plan_windows_spread_and_aligned():
     w = audio.WINDOW_SAMPLES
-    assert audio.plan_windows(w // 3, 3) == [0]  # shorter than a window: one, padded
+    assert audio.plan_windows(w // 3, 3) == [0]  # shorter than a window: one, looped
     assert audio.plan_windows(w, 3) == [0]
     starts = audio.plan_windows(10 * w, 3)
     assert len(starts) == 3
@@ -48,11 +48,14 @@ def test_training_crop_equals_serving_window(tmp_path):
     assert np.max(np.abs(from_cache - served)) < 0.1
 
 
-def test_short_clip_is_padded(tmp_path):
+def test_short_clip_is_looped(tmp_path):
     path = write(tmp_path / "short.wav", 0.5)
+    clip = audio.load_all(path)
     windows = audio.load_windows(path, 3)
     assert len(windows) == 1 and len(windows[0]) == audio.WINDOW_SAMPLES
-    assert np.all(windows[0][int(0.6 * audio.SAMPLE_RATE):] == 0)
+    n = len(clip)
+    assert np.array_equal(windows[0][:n], clip) and np.array_equal(windows[0][n : 2 * n], clip)
+    assert np.array_equal(windows[0], clip[np.arange(audio.WINDOW_SAMPLES) % n])
 
 
 def test_resampled_and_multichannel_input(tmp_path):

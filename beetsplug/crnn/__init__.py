@@ -6,6 +6,7 @@ messages. The numeric work lives in the sibling modules, which never import beet
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -40,6 +41,8 @@ class CrnnPlugin(BeetsPlugin):
                 "batch_size": 4,  # windows per CRNN call (on CPU, 16 costs the same per window but ~0.55 GB more RAM)
                 "precision": "auto",  # CRNN arithmetic: auto = bfloat16 where the CPU has it natively, else float32
                 "timeout": 120.0,  # seconds one file may take to decode
+                "tag_threshold": store.DEFAULT_TAG_THRESHOLD,  # crnn_tags keeps tags this probable (0.3: MSD tags are rare, so well above chance)
+                "max_tags": store.DEFAULT_MAX_TAGS,  # at most this many in crnn_tags (0 = no cap)
                 "write_genre": False,  # also set the `genre` field (and tags when import.write) to crnn_genre
                 "index_path": "",  # empty = crnn_index.npz in the beets config directory
                 "n_trees": 0,  # Annoy trees; 0 = the index module's default
@@ -76,6 +79,7 @@ class CrnnPlugin(BeetsPlugin):
             store.MODEL: types.STRING,
             store.MTIME: types.FLOAT,
             store.STAMP: types.FLOAT,
+            store.TAGS: types.STRING,
         }
         try:
             genres = self.card().genres
@@ -195,6 +199,7 @@ class CrnnPlugin(BeetsPlugin):
         if windows < 1:
             raise UserError("windows must be at least 1")
         card = self.card()
+        tag_options = self._tag_options()  # a bad setting stops the command before any work
         todo, current, mtimes = [], 0, {}
         for item in items:
             try:
@@ -232,7 +237,7 @@ class CrnnPlugin(BeetsPlugin):
                 else:
                     if result.warning:
                         self._log.warning("{}", result.warning)
-                    self._store(item, result, card, write)
+                    self._store(item, result, card, write, tag_options)
                     done += 1
                     stats["done"] = done
                 bar.update(1)
@@ -256,18 +261,29 @@ class CrnnPlugin(BeetsPlugin):
         self._save(item)
         return "; removed its analysis of an earlier version"
 
-    def _store(self, item, result, card, write):
-        values = store.fields_for(result.embedding, result.probs, card.genres, card.model_id, result.mtime, time.time())
+    def _store(self, item, result, card, write, tag_options=None):
+        tags = result.tags if card.tags else None
+        values = store.fields_for(result.embedding, result.probs, card.genres, card.model_id, result.mtime, time.time(),
+                                  tags=tags, tag_names=card.tags, **(tag_options or self._tag_options()))
         item.update(values)
         for key in list(item.keys()):
-            if key.startswith(store.PROB_PREFIX) and key not in values:
-                del item[key]  # a genre the current model does not have
+            if (key.startswith(store.PROB_PREFIX) or key == store.TAGS) and key not in values:
+                del item[key]  # a genre the current model does not have, or tags from a model that had them
         if self.config["write_genre"].get(bool):
             item.genre = values[store.GENRE]
             if write and item.try_write():
                 # Writing tags changes the file's mtime: record the new one so the vector stays current.
                 item[store.MTIME] = os.stat(item.path).st_mtime
         self._save(item)
+
+    def _tag_options(self) -> dict:
+        threshold = self.config["tag_threshold"].as_number()
+        max_tags = self.config["max_tags"].get(int)
+        if not 0 <= threshold <= 1:
+            raise UserError(f"crnn.tag_threshold must be between 0 and 1, not {threshold}")
+        if max_tags < 0:
+            raise UserError(f"crnn.max_tags must be at least 0 (0 = no cap), not {max_tags}")
+        return {"tag_threshold": float(threshold), "max_tags": max_tags}
 
     @staticmethod
     def _save(item):
@@ -348,13 +364,14 @@ class CrnnPlugin(BeetsPlugin):
         seeds = list(lib.items(args))
         if not seeds:
             raise UserError(f"no tracks match the query {query!r}")
-        vectors, probs = [], []
+        vectors, probs, seed_tags = [], [], set()
         for item in seeds:
             try:
                 if item.get(store.MODEL) != card.model_id:
                     raise CrnnError("not embedded by the current model")
                 vectors.append(store.decode_vector(item.get(store.EMBEDDING)))
                 probs.append(store.probs_from(item, card.genres))
+                seed_tags.update(store.split_tags(item.get(store.TAGS)))
             except StoreError as exc:  # garbage in the database: say so, use the other seeds
                 self._log.warning("{}: stored {} is unusable ({}); not used as a seed. beet crnnembed analyses it "
                                   "again", display_path(item.path), store.EMBEDDING, exc)
@@ -392,7 +409,10 @@ class CrnnPlugin(BeetsPlugin):
             if opts.format:
                 ui.print_(format(item, opts.format))
             else:
-                ui.print_(f"{format(item)}  [{cand.score:.3f} {cand.genre}]")
+                # Why it was chosen: its score, predicted genre, and the tags it shares with the seeds.
+                shared = [t for t in store.split_tags(item.get(store.TAGS)) if t in seed_tags]
+                why = f"; shared tags: {', '.join(shared)}" if shared else ""
+                ui.print_(f"{format(item)}  [{cand.score:.3f} {cand.genre}{why}]")
         if opts.m3u:
             self._write_playlist(lib, opts, (seeds if opts.include_seed else []) + items)
 
@@ -497,6 +517,8 @@ def _adopt_argparse(optparser, argparser):
         kwargs = {"dest": action.dest, "default": None, "help": action.help}
         if action.nargs == 0:
             kwargs["action"] = "store_true"
+        elif isinstance(action, argparse._AppendAction):  # a repeatable option stays repeatable
+            kwargs.update(action="append", type="string")
         else:
             kwargs["type"] = {int: "int", float: "float"}.get(action.type, "string")
         optparser.add_option(*action.option_strings, **kwargs)
@@ -512,5 +534,9 @@ def _argv_from(opts, args):
         if value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
-        argv += [flag] if value is True else [flag, str(value)]
+        if isinstance(value, list):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag] if value is True else [flag, str(value)]
     return argv

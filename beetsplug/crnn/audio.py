@@ -41,7 +41,7 @@ def plan_windows(n_samples: int, n_windows: int = DEFAULT_WINDOWS) -> list[int]:
     Centring in parts keeps windows off the intro and fade-out of a long track, and one
     window is the middle of it. Starts are multiples of the hop, so the frames line up
     with a whole-clip log-mel. A track shorter than one window gets one window at 0
-    (padded later).
+    (looped to length later).
     """
     if n_windows < 1:
         raise ValueError("n_windows must be at least 1")
@@ -55,10 +55,18 @@ def plan_windows(n_samples: int, n_windows: int = DEFAULT_WINDOWS) -> list[int]:
 
 
 def fit_window(y: np.ndarray) -> np.ndarray:
-    """Pad (with silence) or cut a signal to exactly one window."""
+    """Cut a signal to exactly one window, or loop a shorter one until it fills the window.
+
+    Looping (not silence) keeps a short clip's window full of music, as every window of a
+    full-length track is: a 3 s excerpt then reads like 3 s of the song repeated, not
+    like a 3 s song followed by half a minute of nothing.
+    """
+    y = np.asarray(y, dtype=np.float32)
     if len(y) >= WINDOW_SAMPLES:
         return y[:WINDOW_SAMPLES]
-    return np.pad(y, (0, WINDOW_SAMPLES - len(y)))
+    if len(y) == 0:
+        return np.zeros(WINDOW_SAMPLES, np.float32)
+    return np.resize(y, WINDOW_SAMPLES)
 
 
 def _mono(data: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import json
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ class Record:
     genre: str
     split: str
     artist: str
+    source: str = ""  # the labelled set it comes from: its genres are the only ones it can vouch for
 
 
 def read_manifest(path) -> list[Record]:
@@ -79,11 +80,37 @@ def read_folders(root, val_fraction=0.1, test_fraction=0.1) -> list[Record]:
 
 
 def read_records(source) -> list[Record]:
+    """Records of one labelled set, each tagged with the set's name (its folder's name)."""
     source = Path(source)
     if source.is_dir():
         manifest = source / "metadata.csv"
-        return read_manifest(manifest) if manifest.is_file() else read_folders(source)
-    return read_manifest(source)
+        records = read_manifest(manifest) if manifest.is_file() else read_folders(source)
+        name = source.resolve().name
+    else:
+        records = read_manifest(source)
+        name = source.resolve().parent.name
+    return [replace(r, source=name) for r in records]
+
+
+def read_sources(sources) -> list[Record]:
+    """Records of several labelled sets; two sets with one name are an error (their masks would merge)."""
+    records, seen = [], {}
+    for s in sources:
+        recs = read_records(s)
+        name = recs[0].source if recs else str(s)
+        if name in seen:
+            raise CrnnError(f"two data sets are both named {name!r} ({seen[name]} and {s}): rename one folder")
+        seen[name] = s
+        records.extend(recs)
+    return records
+
+
+def label_sets(records) -> dict[str, list[str]]:
+    """The genres each source labels: a clip says nothing about genres its own set never uses."""
+    out: dict[str, set] = {}
+    for r in records:
+        out.setdefault(r.source, set()).add(r.genre)
+    return {k: sorted(v) for k, v in sorted(out.items())}
 
 
 def genres_of(records) -> list[str]:
@@ -173,4 +200,32 @@ def shift_bands(mel: np.ndarray, rng: np.random.Generator, max_shift=4) -> np.nd
         out[:k] = mel[0]
     else:
         out[k:] = mel[-1]
+    return out
+
+
+def prepare_versions(records, names, version_dir, cache: "MelCache", workers=2, log=print) -> dict:
+    """Codec versions of each record's clip, encoded once and their log-mels cached.
+
+    Returns {record path: {version name: version path}}; a version that cannot be made is
+    logged in one line and left out (the clip itself still trains).
+    """
+    from . import augment
+
+    jobs = [(r, n) for r in records for n in names]
+    out: dict = {r.path: {} for r in records}
+
+    def one(job):
+        r, n = job
+        try:
+            p = augment.make_version(r.path, n, version_dir)
+            cache.get(p)
+            return r.path, n, p
+        except (CrnnError, OSError) as exc:
+            log(f"{r.path}: {n} version left out: {exc}")
+            return r.path, n, None
+
+    with ThreadPoolExecutor(workers) as pool:
+        for path, n, p in pool.map(one, jobs):
+            if p is not None:
+                out[path][n] = p
     return out

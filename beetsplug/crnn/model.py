@@ -18,7 +18,7 @@ import numpy as np
 
 from .audio import N_MELS, WINDOW_FRAMES
 from .errors import ModelError
-from .features import PARAMS
+from .features import PARAMS, model_input
 
 CARD_NAME = "crnn.json"
 WEIGHTS_NAME = "crnn.weights.h5"
@@ -114,6 +114,7 @@ class ModelCard:
     architecture: dict = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
     features: dict = field(default_factory=lambda: dict(PARAMS))
     extra: dict = field(default_factory=dict)  # training data, command, metrics: carried, not interpreted
+    tags: list = field(default_factory=list)  # names of the tag head's outputs (distilled from a teacher), if any
 
     @classmethod
     def load(cls, path=None) -> "ModelCard":
@@ -130,6 +131,7 @@ class ModelCard:
                 architecture=dict(data["architecture"]),
                 features=dict(data["features"]),
                 extra={k: v for k, v in data.items() if k not in _CARD_KEYS},
+                tags=[str(t) for t in data.get("tags", [])],
             )
         except ModelError:
             raise
@@ -152,6 +154,8 @@ class ModelCard:
             "architecture": self.architecture,
             "features": self.features,
         }
+        if self.tags:
+            data["tags"] = list(self.tags)
         data.update(self.extra)
         return data
 
@@ -170,11 +174,15 @@ class ModelCard:
             raise ModelError(f"weights file {self.weights} does not match its card (sha256 {actual[:12]}…, card says {self.sha256[:12]}…)")
 
 
-_CARD_KEYS = {"format", "model_id", "genres", "weights", "sha256", "architecture", "features"}
+_CARD_KEYS = {"format", "model_id", "genres", "weights", "sha256", "architecture", "features", "tags"}
 
 
-def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout=0.1, frames=WINDOW_FRAMES):
-    """The paper's CRNN. Returns a Keras model mapping log-mel (b, 96, frames, 1) to (embedding, probs)."""
+def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout=0.1, frames=WINDOW_FRAMES, n_tags=0):
+    """The paper's CRNN. Returns a Keras model mapping model input (b, 96, frames, 1) to (embedding, probs).
+
+    With ``n_tags`` a second sigmoid head on the same embedding predicts a teacher's tags
+    (distillation); the outputs are then (embedding, probs, tags).
+    """
     import_tensorflow()
     import keras
     from keras import layers
@@ -196,12 +204,16 @@ def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout
     x = layers.GRU(int(gru_units), return_sequences=True, name="gru1")(x)
     emb = layers.GRU(int(gru_units), name="gru2")(x)
     probs = layers.Dense(n_genres, activation="sigmoid", name="genres")(emb)
-    return keras.Model(inp, [emb, probs], name="crnn")
+    outputs = [emb, probs]
+    if n_tags:
+        outputs.append(layers.Dense(int(n_tags), activation="sigmoid", name="tags")(emb))
+    return keras.Model(inp, outputs, name="crnn")
 
 
 def build_for(card: ModelCard):
     arch = card.architecture
-    return build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch.get("dropout", 0.1))
+    return build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch.get("dropout", 0.1),
+                 n_tags=len(card.tags))
 
 
 def l2_normalise(v: np.ndarray, axis=-1) -> np.ndarray:
@@ -269,8 +281,8 @@ class Embedder:
 
         @tf.function(input_signature=[tf.TensorSpec([None, N_MELS, WINDOW_FRAMES, 1], tf.float32)], reduce_retracing=True)
         def infer(x):
-            emb, probs = model(x, training=False)
-            return tf.cast(emb, tf.float32), tf.cast(probs, tf.float32)
+            outputs = model(x, training=False)
+            return tuple(tf.cast(o, tf.float32) for o in outputs)
 
         self._infer = infer
 
@@ -280,10 +292,16 @@ class Embedder:
 
     def __call__(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Log-mels (n, 96, 1366) -> unit embeddings (n, d) and genre probabilities (n, g)."""
-        mels = np.asarray(mels, dtype=np.float32)
-        embs, probs = [], []
-        for i in range(0, len(mels), self.batch_size):
-            e, p = self._infer(mels[i : i + self.batch_size, :, :, None])
-            embs.append(e.numpy())
-            probs.append(p.numpy())
-        return l2_normalise(np.concatenate(embs)), np.concatenate(probs).astype(np.float32)
+        emb, probs, _ = self.analyse(mels)
+        return emb, probs
+
+    def analyse(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Log-mels -> (unit embeddings, genre probabilities, tag probabilities or None)."""
+        x = model_input(mels)
+        outs = []
+        for i in range(0, len(x), self.batch_size):
+            outs.append([o.numpy() for o in self._infer(x[i : i + self.batch_size, :, :, None])])
+        emb = l2_normalise(np.concatenate([o[0] for o in outs]))
+        probs = np.concatenate([o[1] for o in outs]).astype(np.float32)
+        tags = np.concatenate([o[2] for o in outs]).astype(np.float32) if self.card.tags else None
+        return emb, probs, tags

@@ -40,6 +40,7 @@ class Result:
     mtime: float | None = None
     error: str | None = None
     warning: str | None = None  # analysed, but something the user should know (e.g. truncated file)
+    tags: np.ndarray | None = None  # mean tag probabilities over the windows, when the model has a tag head
 
 
 def default_workers() -> int:
@@ -176,16 +177,21 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
         if not pending:
             return []
         mels = np.concatenate([m for _, m, _, _ in pending])
-        embs, probs = embedder(mels)
+        if hasattr(embedder, "analyse"):
+            embs, probs, tags = embedder.analyse(mels)
+        else:  # any callable giving (embeddings, genre probabilities) will do
+            (embs, probs), tags = embedder(mels), None
         out, i = [], 0
         for task, m, mtime, warning in pending:
             e, p = pool_track(embs[i : i + len(m)], probs[i : i + len(m)])
+            t = None if tags is None else tags[i : i + len(m)].mean(axis=0).astype(np.float32)  # pooled like genres
             i += len(m)
-            if not (np.all(np.isfinite(e)) and np.all(np.isfinite(p)) and abs(float(np.linalg.norm(e)) - 1) < 1e-3):
+            if not (np.all(np.isfinite(e)) and np.all(np.isfinite(p)) and (t is None or np.all(np.isfinite(t)))
+                    and abs(float(np.linalg.norm(e)) - 1) < 1e-3):
                 out.append(Result(task.key, task.path, error=f"{display_path(task.path)}: the model gave no "
                                                              "usable embedding (NaN or zero vector)"))
             else:
-                out.append(Result(task.key, task.path, e, p, mtime, warning=warning))
+                out.append(Result(task.key, task.path, e, p, mtime, warning=warning, tags=t))
         pending.clear()
         return out
 

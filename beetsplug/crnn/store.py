@@ -23,6 +23,13 @@ MTIME = "crnn_mtime"
 # Changes on every (re-)embedding: the index fingerprint sums it, so a re-embedded item makes the index stale.
 STAMP = "crnn_stamp"
 PROB_PREFIX = "crnn_prob_"
+# The tag head's strongest tags, "rock, indie": a string field, so `beet ls crnn_tags:indie` matches a substring.
+TAGS = "crnn_tags"
+TAG_SEPARATOR = ", "
+# musicnn's MSD tags are rare (most under a few percent of tracks), so its sigmoid outputs sit near 0 for
+# tags that do not apply; 0.3 keeps a track's clear tags and drops the ones the model is merely unsure of.
+DEFAULT_TAG_THRESHOLD = 0.3
+DEFAULT_MAX_TAGS = 5
 
 
 def prob_field(genre: str) -> str:
@@ -57,8 +64,29 @@ def decode_vector(text, dim: int | None = None) -> np.ndarray:
     return v / norm
 
 
-def fields_for(embedding, probs, genres, model_id: str, mtime: float, stamp: float) -> dict:
-    """Attribute values describing one analysed track."""
+def top_tags(tag_probs, tag_names, threshold: float = DEFAULT_TAG_THRESHOLD, limit: int = DEFAULT_MAX_TAGS) -> str:
+    """The tags at or above ``threshold``, most probable first (ties in the card's order), at most
+    ``limit`` of them (0: no limit), joined by ", "; "" when none pass."""
+    tag_probs = np.asarray(tag_probs, dtype=np.float64).reshape(-1)
+    if len(tag_probs) != len(tag_names):
+        raise StoreError(f"{len(tag_probs)} tag probabilities for {len(tag_names)} tag names")
+    order = sorted(range(len(tag_names)), key=lambda i: -tag_probs[i])  # stable: ties keep the card's order
+    chosen = [str(tag_names[i]) for i in order if tag_probs[i] >= threshold]
+    return TAG_SEPARATOR.join(chosen[:limit] if limit else chosen)
+
+
+def split_tags(text) -> list:
+    """A stored crnn_tags value as a list of tag names."""
+    return [t.strip() for t in str(text or "").split(TAG_SEPARATOR.strip()) if t.strip()]
+
+
+def fields_for(embedding, probs, genres, model_id: str, mtime: float, stamp: float, tags=None, tag_names=(),
+               tag_threshold: float = DEFAULT_TAG_THRESHOLD, max_tags: int = DEFAULT_MAX_TAGS) -> dict:
+    """Attribute values describing one analysed track.
+
+    ``tags`` (the track's tag probabilities, named by ``tag_names``) adds crnn_tags; without it
+    there is no crnn_tags value (the caller removes one an earlier model left).
+    """
     probs = np.asarray(probs, dtype=np.float64)
     top = int(np.argmax(probs))
     values = {
@@ -71,6 +99,8 @@ def fields_for(embedding, probs, genres, model_id: str, mtime: float, stamp: flo
     }
     for genre, p in zip(genres, probs):
         values[prob_field(genre)] = round(float(p), 4)
+    if tags is not None:
+        values[TAGS] = top_tags(tags, tag_names, tag_threshold, max_tags)
     return values
 
 

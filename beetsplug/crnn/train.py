@@ -1,10 +1,16 @@
 """Train the CRNN on labelled audio and write weights + model card.
 
-    python -m beetsplug.crnn.train ../shared/data/emotify --out model_weights
+    python -m beetsplug.crnn.train ../shared/data/emotify ../shared/data/gtzan --out model_weights
 
 The recipe is the paper's (Adam 0.001/0.9/0.999, sigmoid outputs, binary cross-entropy)
 plus what a few hundred clips need: random hop-aligned crops, class-balanced epochs,
 optional mixup, learning-rate halving on plateau and early stopping on the val split.
+
+Several labelled sets train one model over the union of their genres. A set only vouches
+for the genres it uses, so the genre loss is masked per source: an emotify clip is never
+told it is not "metal", a genre emotify does not label. What real libraries do to audio
+(codecs, levels, low-passes) comes in as cached codec versions and log-mel edits
+(``augment``); a teacher (``teacher``) can add its tags and embedding as targets.
 """
 
 from __future__ import annotations
@@ -18,17 +24,54 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dataset
-from .audio import DEFAULT_WINDOWS
+from . import augment, dataset
+from .audio import DEFAULT_WINDOWS, HOP_LENGTH, WINDOW_FRAMES
 from .errors import CrnnError, ModelError
+from .features import model_input
 from .model import CARD_NAME, DEFAULT_ARCHITECTURE, WEIGHTS_NAME, ModelCard, build, import_tensorflow, sha256_of
 
 DEFAULT_CACHE = Path(".cache") / "mels"
+TEACHER_TARGETS = ("tags", "emb", "both")
 
 
-def _bce(y: np.ndarray, p: np.ndarray) -> float:
+def _bce(y: np.ndarray, p: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Binary cross-entropy; with a mask, the mean over each clip's labelled genres, then over clips."""
     p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    per = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    if mask is None:
+        return float(np.mean(per))
+    return float(np.mean((per * mask).sum(-1) / np.maximum(mask.sum(-1), 1)))
+
+
+def masked_bce(y_true, y_pred):
+    """Keras loss: ``y_true`` is [labels | mask] side by side; genres a clip's source never labels do not count.
+
+    Per clip: the mean BCE over its masked-in genres (0 for a clip with no labels, such as
+    unlabelled audio that only the teacher speaks for).
+    """
+    from keras import ops
+
+    n = ops.shape(y_pred)[-1]
+    y, mask = y_true[..., :n], y_true[..., n:]
+    p = ops.clip(y_pred, 1e-7, 1 - 1e-7)
+    per = -(y * ops.log(p) + (1 - y) * ops.log(1 - p))
+    return ops.sum(per * mask, axis=-1) / ops.maximum(ops.sum(mask, axis=-1), 1.0)
+
+
+def teacher_emb_loss(y_true, y_pred):
+    """Keras loss: 1 - cosine between the student's projection and the teacher embedding; [target | has] packed."""
+    from keras import ops
+
+    n = ops.shape(y_pred)[-1]
+    t, has = y_true[..., :n], y_true[..., n]
+    t = t / ops.maximum(ops.norm(t, axis=-1, keepdims=True), 1e-6)
+    p = y_pred / ops.maximum(ops.norm(y_pred, axis=-1, keepdims=True), 1e-6)
+    return has * (1.0 - ops.sum(t * p, axis=-1))
+
+
+def _masked_argmax(p: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Top genre among those the clip's source labels (a GTZAN clip cannot be 'right' as electronic)."""
+    return np.where(mask > 0, p, -1.0).argmax(1)
 
 
 def _one_hot(idx, n) -> np.ndarray:
@@ -38,52 +81,138 @@ def _one_hot(idx, n) -> np.ndarray:
 
 
 class Trainer:
-    """Holds the data (cached log-mels) and the Keras model for one training run."""
+    """Holds the data (cached log-mels, codec versions, teacher targets) and the Keras model for one run."""
 
-    def __init__(self, records, cache_dir=DEFAULT_CACHE, genres=None, n_windows=DEFAULT_WINDOWS, log=print, workers=2):
+    def __init__(self, records, cache_dir=DEFAULT_CACHE, genres=None, n_windows=DEFAULT_WINDOWS, log=print, workers=2,
+                 versions=(), version_dir=None, teacher=None, teacher_dir=None, unlabelled=()):
         self.log = log
         self.n_windows = n_windows
+        test = [r for r in list(records) + list(unlabelled) if r.split == "test"]
+        if test:  # never trained on, not even through the teacher
+            self.log(f"{len(test)} test clips left out of training")
         self.train_records = [r for r in records if r.split == "train"]
         self.val_records = [r for r in records if r.split == "val"]
+        self.unlabelled = [r for r in unlabelled if r.split == "train"]
         if not self.train_records:
             raise CrnnError("no training records (split 'train')")
         self.genres = list(genres or dataset.genres_of(self.train_records))
         unknown = {r.genre for r in self.train_records + self.val_records} - set(self.genres)
         if unknown:
             raise CrnnError(f"records have genres the model does not know: {', '.join(sorted(unknown))}")
+        self.label_sets = dataset.label_sets(self.train_records + self.val_records)
         self.cache = dataset.MelCache(cache_dir)
         t = time.time()
-        self.cache.fill(self.train_records + self.val_records, workers=workers)
-        self.log(f"log-mels ready for {len(self.train_records)} train + {len(self.val_records)} val clips in {time.time() - t:.0f} s")
-        self.train_mels = [self.cache.get(r.path)[0] for r in self.train_records]
-        self.train_y = np.array([self.genres.index(r.genre) for r in self.train_records])
+        self.cache.fill(self.train_records + self.val_records + self.unlabelled, workers=workers)
+        self.log(f"log-mels ready for {len(self.train_records)} train + {len(self.val_records)} val clips"
+                 + (f" + {len(self.unlabelled)} unlabelled" if self.unlabelled else "") + f" in {time.time() - t:.0f} s")
+        fit_records = self.train_records + self.unlabelled
+        self.train_mels = [self.cache.get(r.path)[0] for r in fit_records]
+        self.train_y = np.array([self.genres.index(r.genre) if r.genre else -1 for r in fit_records])
+        self.train_mask = np.stack([self._mask(r) for r in fit_records])
+        self.train_source = np.array([r.source for r in fit_records])
         self.val_windows = [dataset.serving_windows(*self.cache.get(r.path), n_windows) for r in self.val_records]
         self.val_y = np.array([self.genres.index(r.genre) for r in self.val_records])
+        self.val_mask = np.stack([self._mask(r) for r in self.val_records]) if self.val_records else None
+        self.versions = tuple(versions)
+        self.train_versions = [[] for _ in fit_records]
+        if self.versions:
+            t = time.time()
+            made = dataset.prepare_versions(fit_records, self.versions, version_dir, self.cache, workers, log)
+            self.train_versions = [[self.cache.get(p)[0] for p in made[r.path].values()] for r in fit_records]
+            self.log(f"{sum(map(len, self.train_versions))} codec versions ready in {time.time() - t:.0f} s")
+        self.teacher = None
+        self.tag_names = []
+        if teacher:
+            from . import teacher as teacher_mod
 
-    def epoch_data(self, rng, crops_per_clip, mixup, masking=False, shift=0):
-        """Class-balanced random crops (with band shifts, masking and mixup when asked) for one epoch."""
-        n = crops_per_clip * len(self.train_mels)
+            tcache = teacher_mod.TeacherCache(teacher_dir)
+            teacher_mod.compute([r.path for r in fit_records], tcache, log=log)
+            self.teacher = [tcache.get(r.path) if tcache.has(r.path) else None for r in fit_records]
+            self.tag_names = teacher_mod.tag_names()
+            self.log(f"teacher targets for {sum(e is not None for e in self.teacher)} of {len(fit_records)} clips")
+
+    def _mask(self, record) -> np.ndarray:
+        """1 for each genre the record's source labels (0 everywhere for unlabelled audio)."""
+        labelled = set(self.label_sets.get(record.source, ())) if record.genre else set()
+        return np.array([g in labelled for g in self.genres], np.float32)
+
+    def epoch_picks(self, rng, crops_per_clip):
+        """Clip indices for one epoch: class-balanced over genres, plus the unlabelled clips once each."""
+        labelled = np.flatnonzero(self.train_y >= 0)
+        n = crops_per_clip * len(labelled)
         per_class = int(np.ceil(n / len(self.genres)))
         picks = []
         for c in range(len(self.genres)):
             members = np.flatnonzero(self.train_y == c)
             if len(members):
                 picks.append(rng.choice(members, per_class, replace=len(members) < per_class))
-        picks = rng.permutation(np.concatenate(picks))
-        crops = (dataset.random_crop(self.train_mels[i], rng) for i in picks)
-        if shift:
-            crops = (dataset.shift_bands(c, rng, shift) for c in crops)
-        if masking:
-            crops = (dataset.mask_bands(c, rng) for c in crops)
-        x = np.stack(list(crops))[..., None]
-        y = _one_hot(self.train_y[picks], len(self.genres))
+        unlabelled = np.flatnonzero(self.train_y < 0)
+        if len(unlabelled):
+            picks.append(np.repeat(unlabelled, crops_per_clip))
+        return rng.permutation(np.concatenate(picks))
+
+    def epoch_data(self, rng, crops_per_clip, mixup, masking=False, shift=0, augmenter=None, version_p=0.0):
+        """Model inputs and targets for one epoch: random crops of clips or of their codec versions,
+        log-mel edits, band shifts, masking, mixup (within one source, so masks stay meaningful).
+
+        Returns (x, targets) where targets maps output name -> packed target array.
+        """
+        picks = self.epoch_picks(rng, crops_per_clip)
+        crops, tags, embs = [], [], []
+        for i in picks:
+            mel = self.train_mels[i]
+            extra = mel.shape[1] - WINDOW_FRAMES
+            start = int(rng.integers(0, extra + 1)) if extra > 0 else 0
+            if self.train_versions[i] and rng.random() < version_p:
+                mel = self.train_versions[i][int(rng.integers(len(self.train_versions[i])))]
+            start = min(start, max(mel.shape[1] - WINDOW_FRAMES, 0))
+            c = mel[:, start : start + WINDOW_FRAMES]
+            if augmenter is not None:
+                c = augmenter(c, rng)
+            if shift:
+                c = dataset.shift_bands(c, rng, shift)
+            c = model_input(c)
+            if masking:  # masks fill with the crop's mean level, so they come after normalising
+                c = dataset.mask_bands(c, rng)
+            crops.append(c)
+            if self.teacher is not None:
+                from .teacher import crop_targets
+
+                e = self.teacher[i]
+                if e is None:
+                    tags.append(np.zeros(50, np.float32))
+                    embs.append(np.zeros(201, np.float32))
+                else:
+                    t, v = crop_targets(e, start, WINDOW_FRAMES)
+                    tags.append(t)
+                    embs.append(np.concatenate([v, [1.0]]))
+        x = np.stack(crops)[..., None]
+        y = _one_hot(np.maximum(self.train_y[picks], 0), len(self.genres)) * (self.train_y[picks] >= 0)[:, None]
+        mask = self.train_mask[picks]
+        t = np.array(tags, np.float32) if tags else None
+        v = np.array(embs, np.float32) if embs else None
+        has = v[:, -1:] if v is not None else None
         if mixup > 0:
             lam = rng.beta(mixup, mixup, size=len(x)).astype(np.float32)
             lam = np.maximum(lam, 1 - lam)  # the first clip dominates, so its crop stays the 'real' one
-            other = rng.permutation(len(x))
+            other = np.arange(len(x))
+            sources = self.train_source[picks]
+            for src in np.unique(sources):
+                idx = np.flatnonzero(sources == src)
+                other[idx] = idx[rng.permutation(len(idx))]
             x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[other]
             y = lam[:, None] * y + (1 - lam[:, None]) * y[other]
-        return x.astype(np.float32), y
+            mask = mask * mask[other]
+            if t is not None:
+                both = has * has[other]
+                t = lam[:, None] * t + (1 - lam[:, None]) * t[other]
+                v = np.concatenate([lam[:, None] * v[:, :-1] + (1 - lam[:, None]) * v[other, :-1], both], axis=1)
+                has = both
+        targets = {"genres": np.concatenate([y, mask], axis=1).astype(np.float32)}
+        if t is not None:
+            targets["tags"] = np.concatenate([t, np.repeat(has, t.shape[1], axis=1)], axis=1).astype(np.float32)
+            targets["teacher_emb"] = v.astype(np.float32)
+        return x.astype(np.float32), targets
 
     def recalibrate(self, model, rng, n_crops=192, batch_size=16) -> None:
         """Replace batch-norm running statistics by their exact average over training crops.
@@ -109,10 +238,12 @@ class Trainer:
 
     def predict_clips(self, model, windows_per_clip) -> np.ndarray:
         """Mean genre probabilities per clip over its serving windows."""
-        flat = np.concatenate(windows_per_clip)[..., None]
+        flat = model_input(np.concatenate(windows_per_clip))[..., None]
         probs = model.predict(flat, batch_size=16, verbose=0)
-        if isinstance(probs, (list, tuple)):
-            probs = probs[-1]
+        if isinstance(probs, dict):
+            probs = probs["genres"]
+        elif isinstance(probs, (list, tuple)):
+            probs = probs[1] if len(probs) > 2 else probs[-1]
         out, i = [], 0
         for w in windows_per_clip:
             out.append(probs[i : i + len(w)].mean(axis=0))
@@ -121,13 +252,15 @@ class Trainer:
 
     def fit(self, epochs=40, patience=8, crops_per_clip=2, batch_size=16, mixup=0.0, lr=1e-3, seed=0,
             architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False,
-            shift=0, average=1, weight_decay=0.0):
+            shift=0, average=1, weight_decay=0.0, augmenter=None, version_p=0.0, teacher_target="both",
+            teacher_weight=1.0):
         import_tensorflow()
         import keras
 
         keras.utils.set_random_seed(seed)
         rng = np.random.default_rng(seed)
         arch = dict(DEFAULT_ARCHITECTURE, **(architecture or {}))
+        n_tags = len(self.tag_names) if self.teacher is not None and teacher_target in ("tags", "both") else 0
         card = None
         if init_from is not None:
             card = ModelCard.load(init_from)
@@ -138,13 +271,33 @@ class Trainer:
             if ignored:
                 self.log(f"--init-from keeps the starting model's {', '.join(ignored)}")
             arch = dict(card.architecture)  # fine-tuning keeps the starting model's shape
-        full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"])
+        full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"], n_tags=n_tags)
         if card is not None:
             try:
-                full.load_weights(str(card.weights))
+                if len(card.tags) == n_tags:
+                    full.load_weights(str(card.weights))
+                else:  # the tag head differs: take every layer the two models share
+                    start = build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"],
+                                  n_tags=len(card.tags))
+                    start.load_weights(str(card.weights))
+                    for layer in full.layers:
+                        if layer.name != "tags" and layer.weights:
+                            layer.set_weights(start.get_layer(layer.name).get_weights())
             except Exception as exc:
                 raise ModelError(f"cannot start from {card.weights}: {exc}") from None
-        net = keras.Model(full.input, full.outputs[1])
+        outputs = {"genres": full.outputs[1]}
+        losses = {"genres": masked_bce}
+        weights = {"genres": 1.0}
+        if n_tags:
+            outputs["tags"] = full.outputs[2]
+            losses["tags"] = masked_bce
+            weights["tags"] = teacher_weight
+        if self.teacher is not None and teacher_target in ("emb", "both"):
+            # A training-only projection of the 68-d embedding onto the teacher's 200-d space.
+            outputs["teacher_emb"] = keras.layers.Dense(200, name="teacher_emb")(full.outputs[0])
+            losses["teacher_emb"] = teacher_emb_loss
+            weights["teacher_emb"] = teacher_weight
+        net = keras.Model(full.input, outputs)
         # weight_decay is Keras' decoupled decay (AdamW's: each step scales weights by 1 - lr * decay);
         # None keeps plain Adam, as in the paper. Batch-norm scales and biases are not decayed.
         optimizer = {"name": "adam", "lr": lr, "beta_1": 0.9, "beta_2": 0.999,
@@ -153,23 +306,26 @@ class Trainer:
                                      weight_decay=weight_decay or None)
         if weight_decay:
             adam.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
-        net.compile(optimizer=adam, loss="binary_crossentropy")
+        net.compile(optimizer=adam, loss=losses, loss_weights=weights)
         keep = max(average, 1)
         kept = []  # (score, epoch, weights) of the `keep` best epochs, best first
         history, stale, start = [], 0, time.time()
         val_onehot = _one_hot(self.val_y, len(self.genres))
         for epoch in range(1, epochs + 1):
-            x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift)
+            x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p)
             if max_steps is not None:
-                x, y = x[: max_steps * batch_size], y[: max_steps * batch_size]
+                x, y = x[: max_steps * batch_size], {k: v[: max_steps * batch_size] for k, v in y.items()}
             h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
             row = {"epoch": epoch, "loss": float(h.history["loss"][-1]), "lr": float(net.optimizer.learning_rate.numpy())}
+            for name in outputs:
+                if len(outputs) > 1 and f"{name}_loss" in h.history:
+                    row[f"{name}_loss"] = float(h.history[f"{name}_loss"][-1])
             if recalibrate:  # the weights kept as 'best' carry statistics that match them
                 self.recalibrate(net, rng)
             if self.val_windows:
                 p = self.predict_clips(net, self.val_windows)
-                row["val_loss"] = _bce(val_onehot, p)
-                row["val_acc"] = float(np.mean(p.argmax(1) == self.val_y))
+                row["val_loss"] = _bce(val_onehot, p, self.val_mask)
+                row["val_acc"] = float(np.mean(_masked_argmax(p, self.val_mask) == self.val_y))
                 score = row["val_loss"]
             else:
                 score = row["loss"]
@@ -192,7 +348,9 @@ class Trainer:
                 self.log(f"time limit of {max_minutes} minutes reached")
                 break
         net.set_weights(kept[0][2])
-        info = {"optimizer": optimizer, "best_epoch": kept[0][1], "epochs_run": len(history), "history": history}
+        info = {"optimizer": optimizer, "best_epoch": kept[0][1], "epochs_run": len(history), "history": history,
+                "losses": {k: (v if isinstance(v, str) else v.__name__) for k, v in losses.items()},
+                "loss_weights": weights, "tags": self.tag_names if n_tags else []}
         if len(kept) > 1 and self.val_windows:
             info["averaging"] = self._try_average(net, kept, rng, val_onehot, recalibrate)
         info["minutes"] = round((time.time() - start) / 60, 1)
@@ -208,8 +366,9 @@ class Trainer:
         if recalibrate:
             self.recalibrate(net, rng)
         p = self.predict_clips(net, self.val_windows)
-        report = {"epochs": [e for _, e, _ in kept], "val_loss": _bce(val_onehot, p),
-                  "val_acc": float(np.mean(p.argmax(1) == self.val_y)), "best_single_val_loss": float(kept[0][0])}
+        report = {"epochs": [e for _, e, _ in kept], "val_loss": _bce(val_onehot, p, self.val_mask),
+                  "val_acc": float(np.mean(_masked_argmax(p, self.val_mask) == self.val_y)),
+                  "best_single_val_loss": float(kept[0][0])}
         report["used"] = report["val_loss"] < kept[0][0]
         self.log(json.dumps({"averaging": report}))
         if not report["used"]:
@@ -217,7 +376,7 @@ class Trainer:
         return report
 
 
-def save_model(full_model, out_dir, genres, arch, extra, name="crnn") -> ModelCard:
+def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=()) -> ModelCard:
     """Write weights, then the card naming their sha256 (the card is written last)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,14 +386,16 @@ def save_model(full_model, out_dir, genres, arch, extra, name="crnn") -> ModelCa
     tmp.replace(weights)
     sha = sha256_of(weights)
     card = ModelCard(model_id=f"{name}-{sha[:10]}", genres=list(genres), weights=weights, sha256=sha,
-                     architecture=dict(arch), extra=extra)
+                     architecture=dict(arch), extra=extra, tags=list(tags))
     card.save(out_dir / CARD_NAME)
     return card
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crnn-train", description="Train the beets-crnn CRNN on labelled audio.")
-    p.add_argument("data", help="manifest CSV (path, genre, split, artist) or a folder of genre/ subfolders")
+    p.add_argument("data", nargs="+",
+                   help="one or more labelled sets: a manifest CSV (path, genre, split, artist) or a folder "
+                        "(with metadata.csv, or genre/ subfolders); the model learns the union of their genres")
     p.add_argument("--out", default="model_weights", help="folder for crnn.weights.h5 and crnn.json")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="log-mel cache folder")
     p.add_argument("--epochs", type=int, default=40)
@@ -247,6 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=int, default=0, help="shift crops by up to this many mel bands (0 = off)")
     p.add_argument("--average", type=int, default=1,
                    help="average the weights of this many best epochs; kept if val loss improves (1 = off)")
+    p.add_argument("--augment", default="",
+                   help=f"comma-separated log-mel edits applied to crops: {', '.join(augment.MEL_EDITS)}, or 'all'")
+    p.add_argument("--augment-p", type=float, default=0.5, help="probability of each log-mel edit per crop")
+    p.add_argument("--versions", default="",
+                   help="comma-separated codec versions to train on, made once with ffmpeg and cached "
+                        f"({', '.join(augment.CODEC_VERSIONS)}), or 'default' ({', '.join(augment.TRAIN_VERSIONS)})")
+    p.add_argument("--version-p", type=float, default=0.5, help="probability that a crop comes from a codec version")
+    p.add_argument("--version-cache", default=str(Path(".cache") / "versions"), help="folder for codec versions")
+    p.add_argument("--teacher", choices=["musicnn"], default=None,
+                   help="distil from this teacher too (needs the optional teacher packages)")
+    p.add_argument("--teacher-target", choices=TEACHER_TARGETS, default="both",
+                   help="what the student learns from the teacher: its 50 tags, its embedding, or both")
+    p.add_argument("--teacher-weight", type=float, default=1.0, help="weight of each teacher loss beside the genre loss")
+    p.add_argument("--teacher-cache", default=str(Path(".cache") / "teacher"), help="folder for teacher outputs")
+    p.add_argument("--unlabelled", action="append", default=[],
+                   help="a folder of audio without genres that the teacher alone teaches (needs --teacher; repeatable)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="decoupled weight decay as in AdamW, scaled by the learning rate (0 = plain Adam)")
@@ -265,9 +442,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _names(value: str, known, default=(), what="value") -> list[str]:
+    if not value:
+        return []
+    if value in ("all",):
+        return list(known)
+    if value == "default":
+        return list(default)
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CrnnError(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
+def unlabelled_records(folder) -> list:
+    """Audio files under a folder as records without a genre (split 'train'; the teacher alone speaks for them)."""
+    folder = Path(folder)
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in dataset.AUDIO_EXTS)
+    if not files:
+        raise CrnnError(f"no audio files under {folder}")
+    return [dataset.Record(f, "", "train", "", "unlabelled:" + folder.name) for f in files]
+
+
 def run(args, log=print) -> ModelCard:
-    records = dataset.read_records(args.data)
-    trainer = Trainer(records, args.cache, n_windows=args.windows, log=log)
+    records = dataset.read_sources(args.data)
+    edits = _names(args.augment, augment.MEL_EDITS, what="augmentation")
+    versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
+    if args.unlabelled and not args.teacher:
+        raise CrnnError("--unlabelled needs --teacher: without labels, only a teacher can say what the audio is")
+    if args.teacher:
+        from .teacher import check_installed
+
+        check_installed()
+    unlabelled = [r for folder in args.unlabelled for r in unlabelled_records(folder)]
+    trainer = Trainer(records, args.cache, n_windows=args.windows, log=log, versions=versions,
+                      version_dir=args.version_cache, teacher=args.teacher, teacher_dir=args.teacher_cache,
+                      unlabelled=unlabelled)
+    augmenter = augment.MelAugmenter(edits, args.augment_p) if edits else None
     arch = {}
     if args.conv_filters:
         arch["conv_filters"] = [int(v) for v in args.conv_filters.split(",")]
@@ -280,16 +492,32 @@ def run(args, log=print) -> ModelCard:
                                    architecture=arch, init_from=args.init_from, max_minutes=args.max_minutes,
                                    max_steps=args.max_steps, recalibrate=not args.no_recalibrate,
                                    masking=args.masking, shift=args.shift, average=args.average,
-                                   weight_decay=args.weight_decay)
+                                   weight_decay=args.weight_decay, augmenter=augmenter,
+                                   version_p=args.version_p if versions else 0.0,
+                                   teacher_target=args.teacher_target, teacher_weight=args.teacher_weight)
+    count = lambda recs: {g: sum(r.genre == g for r in recs) for g in trainer.genres}  # noqa: E731
     extra = {
         "training": {
-            "data": str(args.data),
-            "clips": {"train": len(trainer.train_records), "val": len(trainer.val_records)},
+            "data": [str(d) for d in args.data],
+            "sources": {src: {"genres": genres,
+                              "train": sum(r.source == src for r in trainer.train_records),
+                              "val": sum(r.source == src for r in trainer.val_records)}
+                        for src, genres in trainer.label_sets.items()},
+            "label_mask": "per source: a clip's genre loss counts only the genres its own set labels",
+            "clips": {"train": len(trainer.train_records), "val": len(trainer.val_records),
+                      "unlabelled": len(trainer.unlabelled)},
+            "clips_per_genre": {"train": count(trainer.train_records), "val": count(trainer.val_records)},
             "command": getattr(args, "command", None) or " ".join(["python -m beetsplug.crnn.train"] + [shlex.quote(a) for a in sys.argv[1:]]),
             "optimizer": info["optimizer"],
-            "loss": "binary_crossentropy",
+            "loss": info["losses"], "loss_weights": info["loss_weights"],
             "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "masking": args.masking,
             "shift": args.shift, "average": args.average,
+            "augmentation": {"log_mel_edits": augmenter.describe() if augmenter else None,
+                             "codec_versions": {v: augment.CODEC_VERSIONS[v][1] for v in versions},
+                             "version_p": args.version_p if versions else 0.0},
+            "teacher": ({"name": args.teacher, "model": "MSD_musicnn", "target": args.teacher_target,
+                         "weight": args.teacher_weight, "on": "clean audio, per 3 s window, mean over each crop",
+                         "unlabelled": [str(u) for u in args.unlabelled]} if args.teacher else None),
             "seed": args.seed,
             "batchnorm_recalibrated": not args.no_recalibrate, "init_from": args.init_from,
             "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"], "minutes": info["minutes"],
@@ -297,7 +525,7 @@ def run(args, log=print) -> ModelCard:
             **({"averaging": info["averaging"]} if "averaging" in info else {}),
         },
     }
-    card = save_model(full, args.out, trainer.genres, arch, extra, name=args.name)
+    card = save_model(full, args.out, trainer.genres, arch, extra, name=args.name, tags=info["tags"])
     log(f"wrote {card.weights} and {Path(args.out) / CARD_NAME} (model id {card.model_id})")
     return card
 
