@@ -45,11 +45,13 @@ def ffmpeg_path() -> str:
 
 
 def version_path(source: Path, name: str, folder: Path) -> Path:
-    """Where the cached version ``name`` of ``source`` lives (keyed by the source's identity)."""
+    """Where the cached version ``name`` of ``source`` lives: keyed by the source's identity and the
+    version's ffmpeg arguments, so a changed recipe is encoded again rather than reused."""
     st = source.stat()
     key = hashlib.sha1(f"{source.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    ext, _ = CODEC_VERSIONS[name]
-    return Path(folder) / key / (name + ext)
+    ext, args = CODEC_VERSIONS[name]
+    recipe = hashlib.sha1(" ".join(args).encode()).hexdigest()[:8]
+    return Path(folder) / key / f"{name}-{recipe}{ext}"
 
 
 def make_version(source, name: str, folder) -> Path:

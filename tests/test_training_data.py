@@ -1,0 +1,219 @@
+"""Several labelled sets: per-source label masks, the masked loss, and test clips that never reach training."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from audiogen import write
+from beetsplug.crnn import dataset, train
+from beetsplug.crnn.errors import CrnnError
+
+# ---- the masked genre loss ----
+
+Y = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+P = np.array([[0.8, 0.3, 0.6], [0.4, 0.7, 0.2], [0.9, 0.9, 0.05]], np.float32)
+MASK = np.array([[1, 1, 0], [1, 1, 1], [0, 0, 0]], np.float32)  # clip 2: a source that labels none of these
+
+
+def _by_hand():
+    """Per clip: the mean BCE over its masked-in genres, written out term by term."""
+    ln = np.log
+    clip0 = -(ln(0.8) + ln(1 - 0.3)) / 2  # genres 0 (label 1) and 1 (label 0); genre 2 masked out
+    clip1 = -(ln(1 - 0.4) + ln(0.7) + ln(1 - 0.2)) / 3
+    clip2 = 0.0
+    return np.array([clip0, clip1, clip2])
+
+
+def test_masked_bce_by_hand():
+    from keras import ops
+
+    got = ops.convert_to_numpy(train.masked_bce(np.concatenate([Y, MASK], axis=1), P))
+    np.testing.assert_allclose(got, _by_hand(), rtol=1e-5)
+    # The numpy twin used for validation gives the batch mean Keras reports.
+    assert train._bce(Y, P, MASK) == pytest.approx(float(np.mean(_by_hand())), rel=1e-5)
+    assert train._bce(Y, P, MASK) == pytest.approx(float(np.mean(got)), rel=1e-5)
+    # Unmasked: the plain mean over every cell.
+    assert train._bce(Y, P) == pytest.approx(float(np.mean(-(Y * np.log(P) + (1 - Y) * np.log(1 - P)))), rel=1e-5)
+    assert train._bce(Y, P, np.ones_like(Y)) == pytest.approx(train._bce(Y, P), rel=1e-5)
+
+
+def test_clip_without_labels_contributes_nothing():
+    from keras import ops
+
+    wrong = np.array([[1e-9, 1 - 1e-9, 1 - 1e-9]], np.float32)  # as wrong as can be, clipped to 1e-7
+    loss = ops.convert_to_numpy(train.masked_bce(np.concatenate([Y[:1], np.zeros((1, 3), np.float32)], axis=1), wrong))
+    assert loss.tolist() == [0.0]
+    assert train._bce(Y[:1], wrong, np.zeros((1, 3), np.float32)) == 0.0
+    # Adding an unlabelled clip to a batch only changes the mean's denominator.
+    two = train._bce(Y[:2], P[:2], MASK[:2])
+    assert train._bce(Y, P, MASK) == pytest.approx(two * 2 / 3, rel=1e-6)
+
+
+def test_teacher_emb_loss_is_one_minus_cosine_and_masked():
+    from keras import ops
+
+    t = np.array([[1, 0, 0], [0, 2, 0], [1, 1, 0]], np.float32)
+    p = np.array([[3, 0, 0], [1, 0, 0], [5, 5, 5]], np.float32)
+    has = np.array([[1], [1], [0]], np.float32)
+    got = ops.convert_to_numpy(train.teacher_emb_loss(np.concatenate([t, has], axis=1), p))
+    np.testing.assert_allclose(got, [0.0, 1.0, 0.0], atol=1e-6)
+
+
+# ---- several labelled sets ----
+
+def _labelled_set(root, genres, with_audio=True):
+    """A set with, per genre, two train clips, one val clip and one test clip."""
+    rows = ["path,genre,artist,split"]
+    for gi, g in enumerate(genres):
+        for i, split in enumerate(("train", "train", "val", "test")):
+            rel = f"{g}/{root.name}-{g}{i}.wav"
+            if with_audio:
+                write(root / rel, 1.0, kind="beat" if gi % 2 else "tonal", seed=10 * gi + i)
+            rows.append(f"{rel},{g},{root.name} {g} artist {i},{split}")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def two_sets(tmp_path):
+    a = _labelled_set(tmp_path / "setA", ["rock", "pop"])
+    b = _labelled_set(tmp_path / "setB", ["jazz", "blues", "rock"])
+    return a, b
+
+
+def test_read_sources_tags_each_record_with_its_set(two_sets, tmp_path):
+    a, b = two_sets
+    records = dataset.read_sources([a, b / "metadata.csv"])  # a folder or its manifest
+    assert len(records) == 4 * 2 + 4 * 3
+    assert {r.source for r in records if r.path.parent.parent == a} == {"setA"}
+    assert {r.source for r in records if r.path.parent.parent == b} == {"setB"}
+    assert dataset.label_sets(records) == {"setA": ["pop", "rock"], "setB": ["blues", "jazz", "rock"]}
+    assert dataset.read_records(a)[0].source == "setA"
+    # A genre-folder tree (no manifest) is named after its folder too.
+    tree = tmp_path / "tree"
+    write(tree / "metal" / "m.wav", 0.5)
+    assert {r.source for r in dataset.read_sources([tree])} == {"tree"}
+
+    other = _labelled_set(tmp_path / "elsewhere" / "setA", ["metal"], with_audio=False)
+    with pytest.raises(CrnnError, match="both named 'setA'"):
+        dataset.read_sources([a, other])
+
+
+def test_trainer_masks_per_source_and_never_sees_test(two_sets, tmp_path):
+    records = dataset.read_sources(two_sets)
+    test = [r for r in records if r.split == "test"]
+    assert {r.source for r in test} == {"setA", "setB"}
+    lines = []
+    unlabelled = train.unlabelled_records(_unlabelled_folder(tmp_path / "extra"))
+    trainer = train.Trainer(records, tmp_path / "mels", log=lines.append, unlabelled=unlabelled)
+
+    assert trainer.genres == ["blues", "jazz", "pop", "rock"]  # the union, sorted
+    assert trainer.label_sets == {"setA": ["pop", "rock"], "setB": ["blues", "jazz", "rock"]}
+    fit = trainer.train_records + trainer.unlabelled
+    assert len(trainer.train_mels) == len(fit) == len(trainer.train_mask) == len(trainer.train_y) == 10 + 2
+    expect = {"setA": [0, 0, 1, 1], "setB": [1, 1, 0, 1]}
+    for r, mask, y in zip(fit, trainer.train_mask, trainer.train_y):
+        if r.genre:
+            assert mask.tolist() == expect[r.source], r
+            assert trainer.genres[y] == r.genre
+        else:  # unlabelled audio: no genre speaks for it
+            assert mask.tolist() == [0, 0, 0, 0] and y == -1
+    for r, mask in zip(trainer.val_records, trainer.val_mask):
+        assert mask.tolist() == expect[r.source]
+
+    # Test clips are not in any list the trainer fits or validates on, and were never even decoded.
+    held = {r.path for r in trainer.train_records + trainer.val_records + trainer.unlabelled}
+    assert not held & {r.path for r in test}
+    assert {r.split for r in trainer.train_records} == {"train"} and {r.split for r in trainer.val_records} == {"val"}
+    assert len(trainer.val_windows) == len(trainer.val_records) == 5
+    for r in test:
+        assert not trainer.cache._key(r.path).exists()
+    for r in trainer.train_records + trainer.val_records:
+        assert trainer.cache._key(r.path).exists()
+    assert any("5 test clips left out of training" in line for line in lines)
+
+    # An epoch's targets: mixup stays within one source, so every mask row is exactly one source's mask.
+    x, targets = trainer.epoch_data(np.random.default_rng(0), 2, mixup=0.4)
+    y, mask = targets["genres"][:, :4], targets["genres"][:, 4:]
+    assert x.shape[1:] == (96, 1366, 1) and x.max() <= 0.0 and x.min() >= -80.0
+    allowed = {tuple(v) for v in expect.values()} | {(0, 0, 0, 0)}
+    assert {tuple(m) for m in mask.tolist()} <= allowed
+    assert np.all((mask == 0) <= (y == 0))  # a label is never set where the mask is off
+    assert mask.sum(1).tolist().count(0.0) == 2 * 2  # the two unlabelled clips, two crops each
+
+
+def _unlabelled_folder(root):
+    write(root / "a.wav", 1.0, kind="tonal", seed=99)
+    write(root / "sub" / "b.flac", 1.0, kind="beat", seed=98)
+    (root / "notes.txt").write_text("not audio")
+    return root
+
+
+def test_unlabelled_records(tmp_path):
+    recs = train.unlabelled_records(_unlabelled_folder(tmp_path / "extra"))
+    assert [r.path.name for r in recs] == ["a.wav", "b.flac"]
+    assert all(r.genre == "" and r.split == "train" and r.source == "unlabelled:extra" for r in recs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CrnnError, match="no audio files under"):
+        train.unlabelled_records(tmp_path / "empty")
+
+
+def test_cli_rejects_bad_choices_in_one_line(two_sets, tmp_path, capsys):
+    a, _ = two_sets
+    for extra, message in ((["--augment", "gain,wobble"], "unknown augmentation: wobble"),
+                           (["--versions", "mp3-1k"], "unknown codec version: mp3-1k"),
+                           (["--unlabelled", str(tmp_path)], "--unlabelled needs --teacher")):
+        assert train.main([str(a), "--out", str(tmp_path / "m"), *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("crnn-train: ") and message in err and "\n" not in err
+    assert not (tmp_path / "m").exists()
+
+
+# ---- the real shared data ----
+
+def test_shared_sources_keep_test_out_of_training(shared_data, tmp_path):
+    gtzan = shared_data.parent / "gtzan"
+    if not (gtzan / "metadata.csv").is_file():
+        pytest.skip("../shared/data/gtzan is not present")
+    records = dataset.read_sources([shared_data, gtzan])
+    sets = dataset.label_sets(records)
+    assert set(sets) == {"emotify", "gtzan"}
+    assert set(sets["emotify"]) < set(sets["gtzan"]) | {"electronic"}
+    assert "electronic" in sets["emotify"] and "electronic" not in sets["gtzan"]
+    by_split = {s: [r for r in records if r.split == s] for s in dataset.SPLITS}
+    assert all(by_split[s] for s in dataset.SPLITS)
+    assert {r.source for r in by_split["test"]} == {"emotify", "gtzan"}
+
+    # No recording is in two splits: emotify by file, gtzan by its clip id (a long clip and its excerpt
+    # are one recording).
+    with open(gtzan / "metadata.csv", newline="") as f:
+        clip_splits = {}
+        for row in csv.DictReader(f):
+            clip_splits.setdefault(row["clip"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in clip_splits.values())
+    emotify_test = {r.path for r in by_split["test"] if r.source == "emotify"}
+    assert not emotify_test & {r.path for r in records if r.source == "emotify" and r.split != "test"}
+
+    # The trainer on a small sample of both sets, test clips included in what it is given.
+    sample = []
+    for src in ("emotify", "gtzan"):
+        for split, k in (("train", 2), ("val", 1), ("test", 2)):
+            picked = [r for r in by_split[split] if r.source == src]
+            if src == "gtzan":  # the short excerpts decode fastest
+                picked = [r for r in picked if ".excerpt." in r.path.name] or picked
+            sample += picked[:k]
+    trainer = train.Trainer(sample, tmp_path / "mels", genres=sorted({r.genre for r in records}), log=lambda m: None)
+    fit = trainer.train_records + trainer.val_records + trainer.unlabelled
+    assert len(trainer.train_records) == 4 and len(trainer.val_records) == 2
+    assert not {r.path for r in fit} & {r.path for r in by_split["test"]}
+    assert all(not trainer.cache._key(r.path).exists() for r in sample if r.split == "test")
+    # The trainer learns each set's genres from the train and val records it holds; on the full data those
+    # are every genre the set labels (no genre of either set lives only in its test split).
+    assert dataset.label_sets(by_split["train"] + by_split["val"]) == sets
+    for r, mask in zip(trainer.train_records, trainer.train_mask):
+        assert [g for g, m in zip(trainer.genres, mask) if m] == trainer.label_sets[r.source]
+        assert set(trainer.label_sets[r.source]) <= set(sets[r.source])
