@@ -188,13 +188,51 @@ def test_shipped_card_matches_weights():
     assert len(card.genres) >= 2
 
 
-def test_shipped_weights_give_stored_outputs():
+def _fixed_versions(folder):
+    """One fixed generated 40 s clip as a library holds it: the WAV, 20 dB quieter, 6 dB louder
+    (FLAC, 44.1 kHz stereo), and re-encoded as MP3 and Ogg Vorbis (soundfile's encoders, no ffmpeg)."""
+    import soundfile as sf
+
+    y = 0.5 * signal(40.0, kind="tonal", seed=3) + 0.5 * signal(40.0, kind="beat", seed=4)
+    files = {"original": (folder / "clip.wav", y, 22050, {}),
+             "quieter": (folder / "quiet.wav", 0.1 * y, 22050, {}),
+             "louder-flac44-stereo": (folder / "loud.flac", None, 44100, {}),
+             "mp3": (folder / "clip.mp3", y, 22050, {"format": "MP3", "subtype": "MPEG_LAYER_III"}),
+             "vorbis": (folder / "clip.ogg", y, 22050, {"format": "OGG", "subtype": "VORBIS"})}
+    out = {}
+    for name, (path, data, sr, kw) in files.items():
+        if data is None:  # resampled to 44.1 kHz, two channels, +6 dB
+            import soxr
+
+            up = np.clip(2.0 * soxr.resample(y, 22050, 44100), -1, 1)
+            data = np.stack([up, up], axis=1)
+        sf.write(str(path), data, sr, **kw)
+        out[name] = np.stack([log_mel(w) for w in audio.load_windows(path, 2)])
+    return out
+
+
+def test_shipped_weights_give_stored_outputs(tmp_path):
     card = shipped_card()
     stored = np.load(REGRESSION)
     assert str(stored["model_id"]) == card.model_id, "regenerate tests/data/shipped_outputs.npz for the new model"
     emb, probs = Embedder(card)(_fixed_input())
     np.testing.assert_allclose(emb, stored["embeddings"], atol=1e-4)
     np.testing.assert_allclose(probs, stored["probs"], atol=1e-4)
+
+
+def test_shipped_model_hears_the_same_clip_in_every_file(tmp_path):
+    """Level, rate, channels and codec move the shipped model's analysis of one clip very little."""
+    from beetsplug.crnn.model import pool_track
+
+    card = shipped_card()
+    embedder = Embedder(card)
+    tracks = {name: pool_track(*embedder(mels)) for name, mels in _fixed_versions(tmp_path).items()}
+    original = tracks["original"][0]
+    for name, (emb, probs) in tracks.items():
+        assert float(emb @ original) > 0.98, f"{name}: cosine {float(emb @ original):.3f} to the original"
+    stored = np.load(REGRESSION)
+    np.testing.assert_allclose(np.stack([tracks[n][0] for n in sorted(tracks)]), stored["version_embeddings"],
+                               atol=2e-3)  # lossy decoders may differ in the last bits between library builds
 
 
 def test_bfloat16_inference_stays_close_to_float32():
@@ -216,11 +254,20 @@ def test_precision_choice():
 
 
 def regenerate():
-    """python tests/test_model.py  -- store the shipped model's outputs on the fixed input."""
+    """python tests/test_model.py  -- store the shipped model's outputs on the fixed inputs."""
+    import tempfile
+
+    from beetsplug.crnn.model import pool_track
+
     card = shipped_card()
-    emb, probs = Embedder(card)(_fixed_input())
+    embedder = Embedder(card)
+    emb, probs = embedder(_fixed_input())
+    with tempfile.TemporaryDirectory() as tmp:
+        versions = _fixed_versions(Path(tmp))
+    version_embeddings = np.stack([pool_track(*embedder(versions[n]))[0] for n in sorted(versions)])
     REGRESSION.parent.mkdir(exist_ok=True)
-    np.savez(REGRESSION, embeddings=emb, probs=probs, model_id=np.array(card.model_id))
+    np.savez(REGRESSION, embeddings=emb, probs=probs, version_embeddings=version_embeddings,
+             model_id=np.array(card.model_id))
     print(f"wrote {REGRESSION} for {card.model_id}")
 
 

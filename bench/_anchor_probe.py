@@ -1,0 +1,237 @@
+"""Helpers for bench/anchor.py: a numpy genre probe, musicnn clip features, a timed teacher run.
+
+- ``Probe``: multinomial logistic regression (softmax, L2 on the weights) on standardised
+  features, fitted by L-BFGS (scipy) or, without scipy, full-batch gradient descent.
+  ``fit_probe`` picks the L2 strength on the validation split (log-loss), then refits on
+  train + val. Test clips never reach it.
+- ``clip_embedding``: musicnn's clip embedding, the mean of its per-window 200-d
+  'penultimate' outputs, L2-normalised.
+- ``Caches``: look a file's teacher outputs up in several ``TeacherCache`` folders.
+- Run as a script, this file is the ``runner`` that ``teacher.compute`` starts: it starts the
+  real worker (``python -m beetsplug.crnn.teacher``) unchanged, passes its input and output
+  through, and writes when each file finished to a side file, so the benchmark can tell the
+  worker's start-up from its steady seconds per clip. Imports numpy only (no TensorFlow).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+L2_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+DEFAULT_L2 = 1e-2
+
+
+# ---- the probe ----
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Probe:
+    """Softmax regression over ``labels`` on standardised features."""
+
+    def __init__(self, labels, l2: float = DEFAULT_L2):
+        self.labels = list(labels)
+        self.l2 = float(l2)
+        self.mean = self.scale = self.W = self.b = None
+        self.method = None
+
+    def _standardise(self, X):
+        return (np.asarray(X, np.float64) - self.mean) / self.scale
+
+    def fit(self, X, y, max_iter: int = 500) -> "Probe":
+        X = np.asarray(X, np.float64)
+        y = np.asarray(y, np.int64)
+        n, d = X.shape
+        g = len(self.labels)
+        self.mean = X.mean(axis=0)
+        self.scale = np.maximum(X.std(axis=0), 1e-6)
+        Z = self._standardise(X)
+        Y = np.zeros((n, g))
+        Y[np.arange(n), y] = 1.0
+        lam = self.l2
+
+        def loss_grad(theta):
+            W = theta[: d * g].reshape(d, g)
+            b = theta[d * g :]
+            logits = Z @ W + b
+            logits -= logits.max(axis=1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            loss = -np.sum(Y * logp) / n + 0.5 * lam * np.sum(W * W)
+            R = (np.exp(logp) - Y) / n
+            gW = Z.T @ R + lam * W
+            gb = R.sum(axis=0)
+            return loss, np.concatenate([gW.ravel(), gb])
+
+        theta = np.zeros(d * g + g)
+        try:
+            from scipy.optimize import minimize
+        except ImportError:
+            minimize = None
+        if minimize is not None:
+            res = minimize(loss_grad, theta, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+            theta, self.method = res.x, f"L-BFGS ({res.nit} iterations)"
+        else:  # full-batch gradient descent with a backtracking step
+            step, (loss, grad) = 1.0, loss_grad(theta)
+            for it in range(max_iter * 10):
+                new = theta - step * grad
+                new_loss, new_grad = loss_grad(new)
+                if new_loss <= loss - 0.5 * step * np.dot(grad, grad):
+                    theta, loss, grad, step = new, new_loss, new_grad, step * 1.5
+                    if np.linalg.norm(grad) < 1e-6:
+                        break
+                else:
+                    step *= 0.5
+            self.method = f"gradient descent ({it + 1} steps)"
+        self.W = theta[: d * g].reshape(d, g)
+        self.b = theta[d * g :]
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        return _softmax(self._standardise(X) @ self.W + self.b)
+
+    def log_loss(self, X, y) -> float:
+        P = self.predict_proba(X)
+        return float(-np.mean(np.log(np.maximum(P[np.arange(len(y)), np.asarray(y)], 1e-12))))
+
+
+def one_blas_thread():
+    """A context with BLAS on one thread: on a busy machine OpenBLAS's spinning threads make these
+    small products ~50x slower (threadpoolctl when installed, else no change)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def fit_probe(labels, X_train, y_train, X_val, y_val, grid=L2_GRID) -> tuple[Probe, dict]:
+    """L2 strength with the lowest validation log-loss (a fit on train), then a refit on train + val.
+
+    Without validation clips the default strength is used. Returns the probe and how it was chosen.
+    """
+    with one_blas_thread():
+        return _fit_probe(labels, X_train, y_train, X_val, y_val, grid)
+
+
+def _fit_probe(labels, X_train, y_train, X_val, y_val, grid):
+    X_train, X_val = np.asarray(X_train, np.float64), np.asarray(X_val, np.float64).reshape(-1, np.shape(X_train)[1])
+    y_train, y_val = np.asarray(y_train, np.int64), np.asarray(y_val, np.int64)
+    info = {"train": int(len(y_train)), "val": int(len(y_val)), "labels": list(labels)}
+    if len(y_val) and len(y_train):
+        losses = {lam: Probe(labels, lam).fit(X_train, y_train).log_loss(X_val, y_val) for lam in grid}
+        l2 = min(losses, key=lambda lam: (losses[lam], -lam))
+        info["val_log_loss"] = {str(k): v for k, v in losses.items()}
+    else:
+        l2 = DEFAULT_L2
+    probe = Probe(labels, l2).fit(np.concatenate([X_train, X_val]), np.concatenate([y_train, y_val]))
+    info.update(l2=l2, method=probe.method)
+    return probe, info
+
+
+def restrict(P: np.ndarray, columns) -> np.ndarray:
+    """A softmax distribution conditioned on a subset of its classes (columns renormalised)."""
+    Q = np.asarray(P, np.float64)[:, list(columns)]
+    return Q / np.maximum(Q.sum(axis=1, keepdims=True), 1e-12)
+
+
+def top_genre_macro_f1(report: dict) -> float:
+    """Macro-F1 of the top-genre decisions, from classification_report's argmax confusion matrix."""
+    C = np.asarray(report["confusion"], np.float64)
+    if C.size == 0:
+        return math.nan
+    tp = np.diag(C)
+    pred, true = C.sum(axis=0), C.sum(axis=1)
+    prec = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
+    rec = np.divide(tp, true, out=np.zeros_like(tp), where=true > 0)
+    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
+    return float(f1.mean())
+
+
+# ---- musicnn outputs ----
+
+
+def clip_embedding(entry: dict) -> np.ndarray:
+    """Mean of the per-window 200-d embeddings, L2-normalised."""
+    v = np.asarray(entry["emb"], np.float64).mean(axis=0)
+    return (v / max(np.linalg.norm(v), 1e-12)).astype(np.float32)
+
+
+class Caches:
+    """Teacher outputs looked up in several TeacherCache folders, first hit wins."""
+
+    def __init__(self, *caches):
+        self.caches = caches
+
+    def find(self, path):
+        for c in self.caches:
+            if c.has(path):
+                return c
+        return None
+
+    def has(self, path) -> bool:
+        return self.find(path) is not None
+
+    def get(self, path) -> dict:
+        c = self.find(path)
+        if c is None:
+            raise KeyError(str(path))
+        return c.get(path)
+
+
+def runner_command(times_file: Path, cache_dir: Path) -> list:
+    """The ``runner`` for ``teacher.compute``: this file wrapping the real worker."""
+    return [sys.executable, str(Path(__file__).resolve()), "--times", str(times_file), "--",
+            sys.executable, "-m", "beetsplug.crnn.teacher", "--cache", str(cache_dir)]
+
+
+def read_times(times_file: Path) -> dict | None:
+    """{'clips', 'wall_s', 'startup_s', 'steady_s_per_clip'} of one wrapped worker run, None if no file finished."""
+    try:
+        data = json.loads(Path(times_file).read_text())
+    except (OSError, ValueError):
+        return None
+    t0, done = data["start"], data["ok"]
+    if not done:
+        return None
+    n = len(done)
+    steady = (done[-1] - done[0]) / (n - 1) if n > 1 else None
+    first = done[0] - t0
+    return {"clips": n, "wall_s": data["end"] - t0, "startup_s": first - steady if steady is not None else None,
+            "steady_s_per_clip": steady, "s_per_clip_all_in": (data["end"] - t0) / n}
+
+
+def _wrap(times_file: str, cmd: list) -> int:
+    start = time.time()
+    payload = sys.stdin.read()
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc.stdin.write(payload)
+    proc.stdin.close()  # the worker reads all of its input before it prints anything
+    ok = []
+    for line in proc.stdout:
+        if line.startswith("ok "):
+            ok.append(time.time())
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    rc = proc.wait()
+    Path(times_file).write_text(json.dumps({"start": start, "ok": ok, "end": time.time()}))
+    return rc
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if len(args) < 4 or args[0] != "--times" or args[2] != "--":
+        sys.exit("usage: _anchor_probe.py --times FILE -- WORKER COMMAND...")
+    sys.exit(_wrap(args[1], args[3:]))
