@@ -275,3 +275,27 @@ def test_rows_of_with_unsorted_ids():
     assert idx.rows_of([10, 20, 30, 40, 50, 60, 0]).tolist() == [1, 3, 2, 0, 4, -1, -1]
     assert idx.row_of(30) == 2 and idx.row_of(35) is None
     assert idx.rows_of([]).tolist() == []
+
+
+# --- album vectors -------------------------------------------------------------------------------------------------
+
+def test_album_vectors_are_normalised_means():
+    ids = np.array([10, 3, 7, 5, 8])
+    vectors = np.array([[1, 0, 0], [0, 2, 0], [0, 0, 1], [3, 0, 0], [0, 1, 0]], dtype=np.float32)  # lengths differ
+    probs = np.array([[1, 0], [0, 1], [0.5, 0.5], [0.2, 0.8], [0.4, 0.6]], dtype=np.float32)
+    # Album 40: items 10 and 3; album 20: items 7, 5 and 99 (99 has no embedding); item 8 is a singleton.
+    members_items, members_albums = [10, 3, 7, 5, 99], [40, 40, 20, 20, 20]
+    album_ids, vecs, mean_probs, counts = index_mod.album_vectors(ids, vectors, probs, members_items, members_albums)
+    assert album_ids.tolist() == [20, 40] and counts.tolist() == [2, 2]
+    np.testing.assert_allclose(vecs, [[0.70710677, 0, 0.70710677], [0.70710677, 0.70710677, 0]], atol=1e-6)
+    np.testing.assert_allclose(mean_probs, [[0.35, 0.65], [0.5, 0.5]], atol=1e-6)
+
+
+def test_album_vectors_leave_out_directionless_and_empty():
+    ids = np.array([1, 2, 3])
+    vectors = np.array([[1, 0], [-1, 0], [0, 1]], dtype=np.float32)
+    probs = np.ones((3, 2), np.float32)
+    album_ids, vecs, _, _ = index_mod.album_vectors(ids, vectors, probs, [1, 2, 3], [5, 5, 6])
+    assert album_ids.tolist() == [6]  # album 5's tracks cancel out
+    album_ids, vecs, mean_probs, counts = index_mod.album_vectors(ids, vectors, probs, [], [])
+    assert vecs.shape == (0, 2) and mean_probs.shape == (0, 2) and len(album_ids) == len(counts) == 0

@@ -118,6 +118,6 @@ def test_candidate_fields(lib):
     a = add(lib, "a", unit(0), probs=(0.1, 0.1, 0.1, 0.7))
     b = add(lib, "b", unit(1), probs=(0.6, 0.2, 0.1, 0.1))
     got = library.candidate_fields(lib, np.array([b.id, a.id, 9999]))
-    assert got == {a.id: ("A a", "a", "rock"), b.id: ("A b", "b", "classical")}
+    assert got == {a.id: ("A a", "a", "rock", ""), b.id: ("A b", "b", "classical", "")}
     ids = [add(lib, f"x{i}", unit(i)).id for i in range(600)]  # more than one chunk of bound variables
     assert set(library.candidate_fields(lib, ids)) == set(ids)

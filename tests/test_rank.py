@@ -9,9 +9,11 @@ from beetsplug.crnn.rank import (
     DEFAULT_GENRE_WEIGHT,
     MODES,
     Candidate,
+    Picker,
     centroid,
     dedup_key,
     genre_agreement,
+    identity_keys,
     scores,
     select,
 )
@@ -129,9 +131,9 @@ def test_centroid_single_vector_and_errors():
 
 # --- dedup_key / select ------------------------------------------------------
 
-def C(item_id, score, artist="A", title=None, genre="rock"):
+def C(item_id, score, artist="A", title=None, genre="rock", mbid=""):
     return Candidate(item_id=item_id, score=score, cosine=score, artist=artist,
-                     title=title if title is not None else f"song {item_id}", genre=genre)
+                     title=title if title is not None else f"song {item_id}", genre=genre, mbid=mbid)
 
 
 def test_dedup_key():
@@ -183,3 +185,34 @@ def test_select_genre_filter_case_insensitive():
 def test_select_filtered_genre_does_not_use_up_artist_cap():
     cands = [C(1, 0.9, "a", genre="jazz"), C(2, 0.8, "a", genre="rock")]
     assert [c.item_id for c in select(cands, 10, genre="rock", max_per_artist=1)] == [2]
+
+
+# --- identity: untagged tracks and MusicBrainz ids ---------------------------------------------------------------
+
+def test_identity_keys_need_a_title_or_an_id():
+    assert identity_keys("", "") == set()
+    assert identity_keys("Some Artist", "  ") == set()  # a title-less file is no known recording
+    assert identity_keys(" The  Band", "Song") == {("tags", "the band", "song")}
+    assert identity_keys("", "", "ABC-1") == {("mbid", "abc-1")}
+
+
+def test_select_keeps_untagged_tracks_apart():
+    cands = [C(i, 1 - i / 10, artist="", title="") for i in range(1, 6)]
+    assert [c.item_id for c in select(cands, 10, seed_ids={9}, seed_keys=[("", "")])] == [1, 2, 3, 4, 5]
+    assert [c.item_id for c in select(cands, 3, max_per_artist=1)] == [1, 2, 3]  # unknown artist: not capped
+
+
+def test_select_merges_equal_musicbrainz_ids():
+    cands = [C(1, 0.9, "a", "x", mbid="m1"), C(2, 0.8, "b", "y", mbid="M1"), C(3, 0.7, "c", "z", mbid="m2"),
+             C(4, 0.6, "d", "", mbid="")]
+    assert [c.item_id for c in select(cands, 10)] == [1, 3, 4]
+    assert [c.item_id for c in select(cands, 10, seed_mbids=["m2"])] == [1, 4]
+
+
+def test_picker_spans_several_choices():
+    picker = Picker(seed_ids={1}, max_per_artist=1)
+    first = picker.choose([C(1, 0.99, "s"), C(2, 0.9, "a"), C(3, 0.8, "a")], 1)
+    assert [c.item_id for c in first] == [2]
+    assert [c.item_id for c in picker.choose([C(2, 0.9, "a")], 1)] == [2]  # choose alone takes nothing
+    picker.take(first[0])
+    assert picker.choose([C(2, 0.9, "a"), C(3, 0.8, "a"), C(4, 0.1, "b")], 2) == [C(4, 0.1, "b")]

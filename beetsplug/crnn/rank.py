@@ -101,7 +101,11 @@ def centroid(vectors) -> np.ndarray:
 
 @dataclass
 class Candidate:
-    """One ranked recommendation; ``genre`` is the model's predicted top genre."""
+    """One ranked recommendation (a track, or an album with its album artist and title).
+
+    ``genre`` is the model's predicted top genre; ``mbid`` the MusicBrainz id (``mb_trackid``,
+    or ``mb_albumid`` for albums), empty when beets has none.
+    """
 
     item_id: int
     score: float
@@ -109,6 +113,7 @@ class Candidate:
     artist: str
     title: str
     genre: str
+    mbid: str = ""
 
 
 def _norm_text(s) -> str:
@@ -120,6 +125,87 @@ def dedup_key(artist, title) -> tuple[str, str]:
     return _norm_text(artist), _norm_text(title)
 
 
+def identity_keys(artist, title, mbid="") -> set:
+    """The keys under which two tracks count as the same recording.
+
+    (artist, title) only when the title is set: files imported without tags all have an empty
+    title, and they are different recordings, not duplicates of each other. Equal MusicBrainz
+    recording ids are the same recording whatever the tags say.
+    """
+    keys = set()
+    a, t = dedup_key(artist, title)
+    if t:
+        keys.add(("tags", a, t))
+    m = _norm_text(mbid)
+    if m:
+        keys.add(("mbid", m))
+    return keys
+
+
+class Picker:
+    """What one result list has used up: seeds, recordings already in it, each artist's share.
+
+    One Picker spans a whole list, so a song path's later steps skip what its earlier steps
+    took. An empty artist is unknown, not one artist: untagged tracks are not capped together.
+    """
+
+    def __init__(self, seed_ids: Iterable[int] = (), seed_keys: Iterable[Sequence[str]] = (),
+                 seed_mbids: Iterable[str] = (), max_per_artist: int | None = None, genre: str | None = None):
+        if max_per_artist is not None and max_per_artist < 1:
+            raise ValueError("max_per_artist must be a positive integer or None")
+        self.used_ids = {int(i) for i in seed_ids}
+        self.used_keys: set = set()
+        for artist, title in seed_keys:
+            self.used_keys |= identity_keys(artist, title)
+        for mbid in seed_mbids:
+            self.used_keys |= identity_keys("", "", mbid)
+        self.max_per_artist = max_per_artist
+        self.want_genre = _norm_text(genre) if genre is not None else None
+        self.per_artist: dict[str, int] = {}
+
+    def allows(self, c: Candidate) -> bool:
+        if c.item_id in self.used_ids:
+            return False
+        if self.want_genre is not None and _norm_text(c.genre) != self.want_genre:
+            return False
+        if identity_keys(c.artist, c.title, c.mbid) & self.used_keys:
+            return False
+        artist = _norm_text(c.artist)
+        return not (self.max_per_artist is not None and artist
+                    and self.per_artist.get(artist, 0) >= self.max_per_artist)
+
+    def take(self, c: Candidate) -> None:
+        self.used_ids.add(c.item_id)
+        self.used_keys |= identity_keys(c.artist, c.title, c.mbid)
+        artist = _norm_text(c.artist)
+        if artist:
+            self.per_artist[artist] = self.per_artist.get(artist, 0) + 1
+
+    def copy(self) -> "Picker":
+        other = Picker.__new__(Picker)
+        other.used_ids, other.used_keys = set(self.used_ids), set(self.used_keys)
+        other.max_per_artist, other.want_genre = self.max_per_artist, self.want_genre
+        other.per_artist = dict(self.per_artist)
+        return other
+
+    def choose(self, candidates: Iterable[Candidate], n: int) -> list[Candidate]:
+        """The best ``n`` that this list still allows, best first; the Picker itself is unchanged.
+
+        Ties are broken by item_id so output is deterministic.
+        """
+        if n <= 0:
+            return []
+        trial = self.copy()
+        out: list[Candidate] = []
+        for c in sorted(candidates, key=lambda c: (-float(c.score), c.item_id)):
+            if trial.allows(c):
+                trial.take(c)
+                out.append(c)
+                if len(out) >= n:
+                    break
+        return out
+
+
 def select(
     candidates: Iterable[Candidate],
     n: int,
@@ -127,32 +213,10 @@ def select(
     seed_keys: Iterable[Sequence[str]] = (),
     max_per_artist: int | None = None,
     genre: str | None = None,
+    seed_mbids: Iterable[str] = (),
 ) -> list[Candidate]:
-    """Best ``n`` candidates after removing seeds, duplicates, over-represented artists
-    and (optionally) other genres. Ties are broken by item_id so output is deterministic.
+    """Best ``n`` candidates after removing seeds, duplicates (see identity_keys),
+    over-represented artists and (optionally) other genres.
     """
-    if max_per_artist is not None and max_per_artist < 1:
-        raise ValueError("max_per_artist must be a positive integer or None")
-    if n <= 0:
-        return []
-    seed_ids = set(seed_ids)
-    excluded = {dedup_key(*k) for k in seed_keys}
-    want_genre = _norm_text(genre) if genre is not None else None
-    per_artist: dict[str, int] = {}
-    out: list[Candidate] = []
-    for c in sorted(candidates, key=lambda c: (-float(c.score), c.item_id)):
-        if c.item_id in seed_ids:
-            continue
-        if want_genre is not None and _norm_text(c.genre) != want_genre:
-            continue
-        key = dedup_key(c.artist, c.title)
-        if key in excluded:
-            continue
-        if max_per_artist is not None and per_artist.get(key[0], 0) >= max_per_artist:
-            continue
-        out.append(c)
-        excluded.add(key)
-        per_artist[key[0]] = per_artist.get(key[0], 0) + 1
-        if len(out) >= n:
-            break
-    return out
+    picker = Picker(seed_ids, seed_keys, seed_mbids, max_per_artist=max_per_artist, genre=genre)
+    return picker.choose(candidates, n)
