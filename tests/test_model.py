@@ -156,7 +156,7 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     assert "--init-from keeps the starting model's dropout" in proc.stdout + proc.stderr
     assert tuned_card.extra["training"]["optimizer"]["weight_decay"] == 0.05
     assert tuned_card.extra["training"]["command"].startswith("beet crnntrain")
-    assert tuned_card.extra["training"]["clips"] == {"train": 6, "val": 2}
+    assert tuned_card.extra["training"]["clips"] == {"train": 6, "val": 2, "unlabelled": 0}
 
     # And it can be evaluated like the paper: tables on stdout, JSON on disk.
     report_path = tmp_path / "eval.json"

@@ -34,6 +34,7 @@ class Record:
     split: str
     artist: str
     source: str = ""  # the labelled set it comes from: its genres are the only ones it can vouch for
+    more: tuple = ()  # further genres of the same clip (a library track tagged "rock; pop"): also positives
 
 
 def read_manifest(path) -> list[Record]:
@@ -109,7 +110,7 @@ def label_sets(records) -> dict[str, list[str]]:
     """The genres each source labels: a clip says nothing about genres its own set never uses."""
     out: dict[str, set] = {}
     for r in records:
-        out.setdefault(r.source, set()).add(r.genre)
+        out.setdefault(r.source, set()).update((r.genre, *r.more))
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
@@ -146,6 +147,10 @@ class MelCache:
         np.savez(tmp, mel=mel, n_samples=np.int64(n))
         os.replace(tmp, key)
         return mel.astype(np.float32), n
+
+    def serving(self, path, n_windows: int) -> np.ndarray:
+        """The windows crnnembed would analyse for this file: (k, 96, 1366) float32."""
+        return serving_windows(*self.get(path), n_windows)
 
     def fill(self, records, workers=2, progress=None) -> None:
         with ThreadPoolExecutor(workers) as pool:

@@ -74,9 +74,12 @@ def _masked_argmax(p: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask > 0, p, -1.0).argmax(1)
 
 
-def _one_hot(idx, n) -> np.ndarray:
-    out = np.zeros((len(idx), n), np.float32)
-    out[np.arange(len(idx)), idx] = 1
+def _hot(records, genres) -> np.ndarray:
+    """Targets per record: 1 for its genre and any further genres it has (``Record.more``); all 0 without a genre."""
+    out = np.zeros((len(records), len(genres)), np.float32)
+    for i, r in enumerate(records):
+        for g in (r.genre, *r.more) if r.genre else ():
+            out[i, genres.index(g)] = 1
     return out
 
 
@@ -85,6 +88,7 @@ class Trainer:
 
     def __init__(self, records, cache_dir=DEFAULT_CACHE, genres=None, n_windows=DEFAULT_WINDOWS, log=print, workers=2,
                  versions=(), version_dir=None, teacher=None, teacher_dir=None, unlabelled=()):
+        """``cache_dir`` is a folder for a MelCache, or a cache object itself (a library's excerpt cache)."""
         self.log = log
         self.n_windows = n_windows
         test = [r for r in list(records) + list(unlabelled) if r.split == "test"]
@@ -96,11 +100,11 @@ class Trainer:
         if not self.train_records:
             raise CrnnError("no training records (split 'train')")
         self.genres = list(genres or dataset.genres_of(self.train_records))
-        unknown = {r.genre for r in self.train_records + self.val_records} - set(self.genres)
+        unknown = {g for r in self.train_records + self.val_records for g in (r.genre, *r.more)} - set(self.genres)
         if unknown:
             raise CrnnError(f"records have genres the model does not know: {', '.join(sorted(unknown))}")
         self.label_sets = dataset.label_sets(self.train_records + self.val_records)
-        self.cache = dataset.MelCache(cache_dir)
+        self.cache = cache_dir if isinstance(cache_dir, dataset.MelCache) else dataset.MelCache(cache_dir)
         t = time.time()
         self.cache.fill(self.train_records + self.val_records + self.unlabelled, workers=workers)
         self.log(f"log-mels ready for {len(self.train_records)} train + {len(self.val_records)} val clips"
@@ -108,10 +112,12 @@ class Trainer:
         fit_records = self.train_records + self.unlabelled
         self.train_mels = [self.cache.get(r.path)[0] for r in fit_records]
         self.train_y = np.array([self.genres.index(r.genre) if r.genre else -1 for r in fit_records])
+        self.train_hot = _hot(fit_records, self.genres)  # one-hot, or several 1s for a clip with several genres
         self.train_mask = np.stack([self._mask(r) for r in fit_records])
         self.train_source = np.array([r.source for r in fit_records])
-        self.val_windows = [dataset.serving_windows(*self.cache.get(r.path), n_windows) for r in self.val_records]
+        self.val_windows = [self.cache.serving(r.path, n_windows) for r in self.val_records]
         self.val_y = np.array([self.genres.index(r.genre) for r in self.val_records])
+        self.val_hot = _hot(self.val_records, self.genres)
         self.val_mask = np.stack([self._mask(r) for r in self.val_records]) if self.val_records else None
         self.versions = tuple(versions)
         self.train_versions = [[] for _ in fit_records]
@@ -160,11 +166,16 @@ class Trainer:
         picks = self.epoch_picks(rng, crops_per_clip)
         crops, tags, embs = [], [], []
         for i in picks:
-            mel = self.train_mels[i]
+            mel, part = self.train_mels[i], None
+            if isinstance(mel, list):  # a library track cached as a few separate spans: crop inside one of them
+                part = int(rng.integers(len(mel)))
+                mel = mel[part]
             extra = mel.shape[1] - WINDOW_FRAMES
             start = int(rng.integers(0, extra + 1)) if extra > 0 else 0
             if self.train_versions[i] and rng.random() < version_p:
                 mel = self.train_versions[i][int(rng.integers(len(self.train_versions[i])))]
+                if isinstance(mel, list):
+                    mel = mel[min(part or 0, len(mel) - 1)]
             start = min(start, max(mel.shape[1] - WINDOW_FRAMES, 0))
             c = mel[:, start : start + WINDOW_FRAMES]
             if augmenter is not None:
@@ -187,7 +198,7 @@ class Trainer:
                     tags.append(t)
                     embs.append(np.concatenate([v, [1.0]]))
         x = np.stack(crops)[..., None]
-        y = _one_hot(np.maximum(self.train_y[picks], 0), len(self.genres)) * (self.train_y[picks] >= 0)[:, None]
+        y = self.train_hot[picks]
         mask = self.train_mask[picks]
         t = np.array(tags, np.float32) if tags else None
         v = np.array(embs, np.float32) if embs else None
@@ -253,7 +264,15 @@ class Trainer:
     def fit(self, epochs=40, patience=8, crops_per_clip=2, batch_size=16, mixup=0.0, lr=1e-3, seed=0,
             architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False,
             shift=0, average=1, weight_decay=0.0, augmenter=None, version_p=0.0, teacher_target="both",
-            teacher_weight=1.0):
+            teacher_weight=1.0, new_head=False, on_epoch=None, callbacks=()):
+        """Train; returns (the Keras model with the best epoch's weights, architecture, info).
+
+        ``init_from`` starts from a model's weights; with ``new_head`` that model may know other
+        genres: every layer but its genre output (and a tag head that differs) is taken, and the
+        genre output starts afresh for this data's genres. ``on_epoch(row)`` replaces the JSON log
+        line per epoch; ``callbacks`` are Keras callbacks for each epoch's ``fit``. Ctrl-C ends
+        training like the time limit does: the best epoch so far is returned (``info["stopped"]``).
+        """
         import_tensorflow()
         import keras
 
@@ -265,7 +284,7 @@ class Trainer:
         if init_from is not None:
             card = ModelCard.load(init_from)
             card.verify()
-            if card.genres != self.genres:
+            if card.genres != self.genres and not new_head:
                 raise ModelError(f"--init-from model knows {card.genres}, the data has {self.genres}")
             ignored = sorted(k for k, v in (architecture or {}).items() if card.architecture.get(k) != v)
             if ignored:
@@ -274,14 +293,17 @@ class Trainer:
         full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"], n_tags=n_tags)
         if card is not None:
             try:
-                if len(card.tags) == n_tags:
+                fresh = set() if card.genres == self.genres else {"genres"}
+                if len(card.tags) != n_tags:
+                    fresh.add("tags")
+                if not fresh:
                     full.load_weights(str(card.weights))
-                else:  # the tag head differs: take every layer the two models share
+                else:  # a head differs: take every layer the two models share, the rest start afresh
                     start = build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"],
                                   n_tags=len(card.tags))
                     start.load_weights(str(card.weights))
                     for layer in full.layers:
-                        if layer.name != "tags" and layer.weights:
+                        if layer.name not in fresh and layer.weights:
                             layer.set_weights(start.get_layer(layer.name).get_weights())
             except Exception as exc:
                 raise ModelError(f"cannot start from {card.weights}: {exc}") from None
@@ -310,48 +332,66 @@ class Trainer:
         keep = max(average, 1)
         kept = []  # (score, epoch, weights) of the `keep` best epochs, best first
         history, stale, start = [], 0, time.time()
-        val_onehot = _one_hot(self.val_y, len(self.genres))
-        for epoch in range(1, epochs + 1):
-            x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p)
-            if max_steps is not None:
-                x, y = x[: max_steps * batch_size], {k: v[: max_steps * batch_size] for k, v in y.items()}
-            h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0)
-            row = {"epoch": epoch, "loss": float(h.history["loss"][-1]), "lr": float(net.optimizer.learning_rate.numpy())}
-            for name in outputs:
-                if len(outputs) > 1 and f"{name}_loss" in h.history:
-                    row[f"{name}_loss"] = float(h.history[f"{name}_loss"][-1])
-            if recalibrate:  # the weights kept as 'best' carry statistics that match them
-                self.recalibrate(net, rng)
-            if self.val_windows:
-                p = self.predict_clips(net, self.val_windows)
-                row["val_loss"] = _bce(val_onehot, p, self.val_mask)
-                row["val_acc"] = float(np.mean(_masked_argmax(p, self.val_mask) == self.val_y))
-                score = row["val_loss"]
-            else:
-                score = row["loss"]
-            row["minutes"] = round((time.time() - start) / 60, 2)
-            history.append(row)
-            self.log(json.dumps(row))
-            improved = not kept or score < kept[0][0]
-            if len(kept) < keep or score < kept[-1][0]:
-                kept = sorted(kept + [(score, epoch, net.get_weights())], key=lambda k: k[0])[:keep]
-            if improved:
-                stale = 0
-            else:
-                stale += 1
-                if stale % 3 == 0:  # plateau: halve the learning rate
-                    net.optimizer.learning_rate.assign(row["lr"] / 2)
-                if stale >= patience:
-                    self.log(f"early stop: no val improvement for {patience} epochs")
+        val_onehot = self.val_hot  # one-hot, or several 1s for a clip with several genres
+        stopped = "epochs"
+        try:
+            for epoch in range(1, epochs + 1):
+                x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p)
+                if max_steps is not None:
+                    x, y = x[: max_steps * batch_size], {k: v[: max_steps * batch_size] for k, v in y.items()}
+                h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0, callbacks=list(callbacks))
+                row = {"epoch": epoch, "loss": float(h.history["loss"][-1]),
+                       "lr": float(net.optimizer.learning_rate.numpy())}
+                for name in outputs:
+                    if len(outputs) > 1 and f"{name}_loss" in h.history:
+                        row[f"{name}_loss"] = float(h.history[f"{name}_loss"][-1])
+                if recalibrate:  # the weights kept as 'best' carry statistics that match them
+                    self.recalibrate(net, rng)
+                if self.val_windows:
+                    p = self.predict_clips(net, self.val_windows)
+                    row["val_loss"] = _bce(val_onehot, p, self.val_mask)
+                    # right when the top genre is one the clip has (its only one, for single-genre data)
+                    top = _masked_argmax(p, self.val_mask)
+                    row["val_acc"] = float(np.mean(val_onehot[np.arange(len(top)), top] > 0))
+                    score = row["val_loss"]
+                else:
+                    score = row["loss"]
+                row["minutes"] = round((time.time() - start) / 60, 2)
+                history.append(row)
+                improved = not kept or score < kept[0][0]
+                row["best"] = improved
+                if on_epoch is not None:
+                    on_epoch(row)
+                else:
+                    self.log(json.dumps({k: v for k, v in row.items() if k != "best"}))
+                if len(kept) < keep or score < kept[-1][0]:
+                    kept = sorted(kept + [(score, epoch, net.get_weights())], key=lambda k: k[0])[:keep]
+                if improved:
+                    stale = 0
+                else:
+                    stale += 1
+                    if stale % 3 == 0:  # plateau: halve the learning rate
+                        net.optimizer.learning_rate.assign(row["lr"] / 2)
+                    if stale >= patience:
+                        self.log(f"early stop: no val improvement for {patience} epochs")
+                        stopped = "early stop"
+                        break
+                if max_minutes is not None and (time.time() - start) / 60 > max_minutes:
+                    self.log(f"time limit of {max_minutes:g} minutes reached")
+                    stopped = "time limit"
                     break
-            if max_minutes is not None and (time.time() - start) / 60 > max_minutes:
-                self.log(f"time limit of {max_minutes} minutes reached")
-                break
+        except KeyboardInterrupt:
+            if not kept:
+                raise CrnnError("interrupted before the first epoch was validated: no model written") from None
+            self.log(f"interrupted: keeping the best epoch so far (epoch {kept[0][1]})")
+            stopped = "interrupted"
+        for row in history:
+            row.pop("best", None)
         net.set_weights(kept[0][2])
         info = {"optimizer": optimizer, "best_epoch": kept[0][1], "epochs_run": len(history), "history": history,
                 "losses": {k: (v if isinstance(v, str) else v.__name__) for k, v in losses.items()},
-                "loss_weights": weights, "tags": self.tag_names if n_tags else []}
-        if len(kept) > 1 and self.val_windows:
+                "loss_weights": weights, "tags": self.tag_names if n_tags else [], "stopped": stopped}
+        if len(kept) > 1 and self.val_windows and stopped != "interrupted":
             info["averaging"] = self._try_average(net, kept, rng, val_onehot, recalibrate)
         info["minutes"] = round((time.time() - start) / 60, 1)
         return full, arch, info
@@ -396,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="+",
                    help="one or more labelled sets: a manifest CSV (path, genre, split, artist) or a folder "
                         "(with metadata.csv, or genre/ subfolders); the model learns the union of their genres")
+    return add_options(p)
+
+
+def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training options (all but the data): `beet crnntrain QUERY` trains on a library with the same ones."""
     p.add_argument("--out", default="model_weights", help="folder for crnn.weights.h5 and crnn.json")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="log-mel cache folder")
     p.add_argument("--epochs", type=int, default=40)
@@ -465,8 +510,14 @@ def unlabelled_records(folder) -> list:
     return [dataset.Record(f, "", "train", "", "unlabelled:" + folder.name) for f in files]
 
 
-def run(args, log=print) -> ModelCard:
-    records = dataset.read_sources(args.data)
+def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), card_extra=None) -> ModelCard:
+    """Train as ``args`` say and write the model to ``args.out``.
+
+    A library (``libtrain``) passes its own ``records`` and excerpt ``cache`` instead of
+    ``args.data``, ``on_epoch``/``callbacks`` for its progress line and time budget, and
+    ``card_extra`` for the card's training section; everything else is this same code.
+    """
+    records = dataset.read_sources(args.data) if records is None else records
     edits = _names(args.augment, augment.MEL_EDITS, what="augmentation")
     versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
     if args.unlabelled and not args.teacher:
@@ -476,7 +527,7 @@ def run(args, log=print) -> ModelCard:
 
         check_installed()
     unlabelled = [r for folder in args.unlabelled for r in unlabelled_records(folder)]
-    trainer = Trainer(records, args.cache, n_windows=args.windows, log=log, versions=versions,
+    trainer = Trainer(records, args.cache if cache is None else cache, n_windows=args.windows, log=log, versions=versions,
                       version_dir=args.version_cache, teacher=args.teacher, teacher_dir=args.teacher_cache,
                       unlabelled=unlabelled)
     augmenter = augment.MelAugmenter(edits, args.augment_p) if edits else None
@@ -494,8 +545,9 @@ def run(args, log=print) -> ModelCard:
                                    masking=args.masking, shift=args.shift, average=args.average,
                                    weight_decay=args.weight_decay, augmenter=augmenter,
                                    version_p=args.version_p if versions else 0.0,
-                                   teacher_target=args.teacher_target, teacher_weight=args.teacher_weight)
-    count = lambda recs: {g: sum(r.genre == g for r in recs) for g in trainer.genres}  # noqa: E731
+                                   teacher_target=args.teacher_target, teacher_weight=args.teacher_weight,
+                                   new_head=getattr(args, "new_head", False), on_epoch=on_epoch, callbacks=callbacks)
+    count = lambda recs: {g: sum(g in (r.genre, *r.more) for r in recs) for g in trainer.genres}  # noqa: E731
     extra = {
         "training": {
             "data": [str(d) for d in args.data],
@@ -520,9 +572,12 @@ def run(args, log=print) -> ModelCard:
                          "unlabelled": [str(u) for u in args.unlabelled]} if args.teacher else None),
             "seed": args.seed,
             "batchnorm_recalibrated": not args.no_recalibrate, "init_from": args.init_from,
+            **({"new_head": True} if getattr(args, "new_head", False) else {}),
             "best_epoch": info["best_epoch"], "epochs_run": info["epochs_run"], "minutes": info["minutes"],
+            "stopped": info["stopped"],
             "history": info["history"],
             **({"averaging": info["averaging"]} if "averaging" in info else {}),
+            **(card_extra or {}),
         },
     }
     card = save_model(full, args.out, trainer.genres, arch, extra, name=args.name, tags=info["tags"])

@@ -1,0 +1,439 @@
+"""Training on the user's own library: `beet crnntrain [QUERY]` and `beet crnneval [QUERY]`.
+
+The library is real: generated audio files on disk, items in a beets database, the real `beet`
+CLI. Three "genres" are timbre families that sound clearly different (a low drone, high bells,
+noise bursts); each artist plays its family with its own notes and tempo, so a model that passes
+on held-out artists has learnt the family, not the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audiogen import write as write_clip
+from beetsplug.crnn import dataset, libtrain
+from beetsplug.crnn.errors import CrnnError
+from conftest import BeetsEnv
+
+SR = 22050
+TINY = ["--conv-filters", "4,4,4,4", "--gru-units", "4"]
+
+
+# ---- audio: three timbre families ----
+
+def family_clip(kind: str, seed: int, seconds: float = 6.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    if kind == "drone":  # low, steady: energy below 300 Hz
+        f0 = rng.uniform(45, 80)
+        y = sum(0.3 / k * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 6)) for k in range(1, 4))
+    elif kind == "bells":  # high partials that ring and decay, a note every half second or so
+        period = rng.uniform(0.4, 0.7)
+        f = rng.uniform(1500, 3000)
+        env = np.exp(-(t % period) * 6)
+        y = env * sum(0.2 / k * np.sin(2 * np.pi * f * k * 1.5 * t) for k in range(1, 3))
+    else:  # "noise": broadband bursts on a beat
+        period = rng.uniform(0.3, 0.6)
+        env = np.exp(-(t % period) * 20)
+        y = 0.4 * env * rng.standard_normal(len(t))
+    return (y / max(np.abs(y).max(), 1e-6) * 0.5).astype(np.float32)
+
+
+def genres_attr(item, values):
+    """Set an item's genres as this beets stores them: the multi-valued `genres` (2.14+) or the `genre` string."""
+    if "genres" in type(item)._fields:
+        item.genres = list(values)
+    else:
+        item.genre = "; ".join(values)
+
+
+def add_track(env, path, artist, genres=(), title=None, albumartist="", **flex):
+    from beets.library import Item
+
+    lib = env.library()
+    item = Item(path=os.fsencode(str(path)), title=title or Path(path).stem, artist=artist, albumartist=albumartist,
+                album=f"{artist} album", length=6.0, format="WAV")
+    if genres:
+        genres_attr(item, genres)
+    for k, v in flex.items():
+        item[k] = v
+    lib.add(item)
+    lib._close()
+    return item.id
+
+
+FAMILIES = {"drone": ["Hip-Hop", "hip hop", "HipHop"],  # one genre, three spellings
+            "bells": ["Classical"],
+            "noise": ["Electronica", "electronic", "EDM"]}  # merged by crnn.genre_aliases
+
+
+def family_library(env, artists_per_genre=5, tracks_per_artist=3, extras=True):
+    """The three families over several artists; with ``extras``: a track without a genre, a rare genre,
+    a multi-genre track, and a file that cannot be decoded."""
+    n = 0
+    for gi, (kind, spellings) in enumerate(FAMILIES.items()):
+        for a in range(artists_per_genre):
+            for k in range(tracks_per_artist):
+                n += 1
+                path = env.music / f"{kind}-{a}-{k}.wav"
+                sf.write(str(path), family_clip(kind, seed=1000 * gi + 10 * a + k), SR)
+                add_track(env, path, f"{kind.title()} Artist {a}", [spellings[(a + k) % len(spellings)]])
+    if extras:
+        untagged = write_clip(env.music / "untagged.wav", 6.0, kind="tonal", seed=5)
+        add_track(env, untagged, "Nobody")
+        rare = write_clip(env.music / "polka.wav", 6.0, kind="tonal", seed=6)
+        add_track(env, rare, "Polka Band", ["Polka"])
+        multi = env.music / "multi.wav"
+        sf.write(str(multi), family_clip("drone", 77) + family_clip("noise", 78), SR)
+        add_track(env, multi, "Drone Artist 0", ["Hip-Hop; Electronic"])
+        broken = env.music / "broken.wav"
+        broken.write_bytes(b"RIFF this is not audio at all" * 50)
+        add_track(env, broken, "Noise Artist 1", ["electronic"])
+    return n
+
+
+ALIASES = "  genre_aliases:\n    electronic: [electronica, edm]\n"
+
+
+@pytest.fixture
+def lib_env(tmp_path, tiny_model):
+    env = BeetsEnv(tmp_path, tiny_model.weights.parent, extra_config=ALIASES)
+    family_library(env)
+    return env
+
+
+def model_folders(env):
+    return sorted(p for p in (env.root / "crnn_models").glob("*") if not p.name.startswith("."))
+
+
+# ---- genres: normalising, splitting, aliases, taxonomy (no audio) ----
+
+def test_genre_names_normalise_split_and_alias():
+    assert {libtrain.genre_key(g) for g in ("Hip-Hop", "hip hop", "HipHop", "HIP_HOP", " hip-hop ")} == {"hiphop"}
+    assert libtrain.split_genres("Rock; Pop") == ["Rock", "Pop"]
+    assert libtrain.split_genres("Rock, Pop / Jazz") == ["Rock", "Pop", "Jazz"]
+    assert libtrain.split_genres(["Rock", "Pop; Soul"]) == ["Rock", "Pop", "Soul"]
+    assert libtrain.split_genres("Rock\\␀Pop") == ["Rock", "Pop"]  # beets' multi-value delimiter
+    assert libtrain.split_genres(None) == [] and libtrain.split_genres(" ; ") == []
+    names = libtrain.GenreNames({"electronic": ["electronica", "EDM"], "Hip-Hop": "rap"})
+    assert names.keys(["Electronica", "edm", "Electronic", "Rap", "hip hop"]) == ["electronic", "hiphop"]
+    assert names.label("electronic") == "electronic" and names.label("hiphop") == "hip-hop"
+    with pytest.raises(CrnnError, match="alias of two genres"):
+        libtrain.GenreNames({"a": ["x"], "b": ["x"]})
+
+
+def _tracks(spec):
+    """[(artist, genre value)] -> Tracks."""
+    return [libtrain.Track(i, f"/music/{i}.mp3", a, [v] if v else []) for i, (a, v) in enumerate(spec)]
+
+
+def test_plan_taxonomy_counts_and_left_out():
+    spec = ([(f"R{i % 6}", "Rock") for i in range(36)] + [(f"J{i % 6}", "jazz") for i in range(31)]
+            + [(f"P{i % 6}", "Pop") for i in range(12)] + [("X", None)] * 3 + [("M", "Rock; Jazz")])
+    p = libtrain.plan(_tracks(spec), min_tracks=30)
+    assert p.genres == ["jazz", "rock"]
+    assert p.left_out["without a genre"]["tracks"] == 3
+    rare = p.left_out["of rare genres (fewer than 30 tracks, --min-tracks)"]
+    assert rare["tracks"] == 12 and rare["genres"] == {"pop": 12}
+    assert sum(sum(c.values()) for c in p.counts.values()) == 36 + 31 + 2  # the multi-genre track counts twice
+    multi = [r for r in p.records if r.more]
+    assert len(multi) == 1 and (multi[0].genre, multi[0].more) == ("rock", ("jazz",))
+    text = libtrain.format_plan(p)
+    assert "left out: 12 of rare genres" in text and "pop 12" in text and "3 without a genre" in text
+    # --max-genres keeps the largest; --genres chooses
+    p2 = libtrain.plan(_tracks(spec), min_tracks=10, max_genres=2)
+    assert p2.genres == ["jazz", "rock"] and "of genres beyond the 2 largest (--max-genres)" in p2.left_out
+    p3 = libtrain.plan(_tracks(spec), genres=["POP", "jazz"])
+    assert p3.genres == ["jazz", "pop"] and p3.left_out["of genres not in --genres"]["tracks"] == 36
+
+
+def test_plan_errors_are_one_line():
+    with pytest.raises(CrnnError, match="none of the 2 tracks .* has a 'genre'"):
+        libtrain.plan(_tracks([("a", None), ("b", "")]))
+    with pytest.raises(CrnnError, match=r"at least two genres with 30 or more tracks.*has 1 \(rock 40, pop 3 tracks\)"):
+        libtrain.plan(_tracks([("a", "rock")] * 40 + [("b", "pop")] * 3))
+    with pytest.raises(CrnnError, match="--genres must name at least two genres"):
+        libtrain.plan(_tracks([("a", "rock")] * 40 + [("b", "pop")] * 3), genres=["rock"])
+    with pytest.raises(CrnnError, match="no track has the genre 'metal'"):
+        libtrain.plan(_tracks([("a", "rock")] * 40 + [("b", "pop")] * 3), genres=["rock", "metal"])
+    with pytest.raises(CrnnError, match="no tracks match the query 'x'"):
+        libtrain.plan([], query="x")
+
+
+def test_artist_split_is_disjoint_stratified_and_seeded():
+    rng = np.random.default_rng(1)
+    spec = []
+    for g in ("rock", "jazz", "pop"):
+        for a in range(12):
+            spec += [(f"{g} artist {a}", g)] * int(rng.integers(1, 8))
+    tracks = _tracks(spec)
+    p = libtrain.plan(tracks, min_tracks=5)
+    by_artist = {}
+    for r in p.records:
+        by_artist.setdefault(r.artist, set()).add(r.split)
+    assert all(len(s) == 1 for s in by_artist.values())  # no artist in two splits
+    for g in p.genres:  # every genre has train, val and test tracks, roughly in proportion
+        c = p.counts[g]
+        assert c["train"] > 0 and c["val"] > 0 and c["test"] > 0
+        assert c["test"] <= 0.3 * sum(c.values())
+    assert libtrain.plan(tracks, min_tracks=5).artists == p.artists  # fixed seed: same split
+    assert libtrain.plan(tracks, min_tracks=5, seed=1).artists != p.artists
+    # never the last artist of a genre: two artists -> one trains
+    two = libtrain.split_artists([("a", "x"), ("b", "x")], val_fraction=0.4, test_fraction=0.4)
+    assert sorted(two.values()) == ["test", "train"]
+    assert libtrain.split_artists([("a", "x")] * 5) == {"a": "train"}
+
+
+def test_album_artist_is_the_split_key():
+    tracks = [libtrain.Track(i, f"/m/{i}.mp3", "Various Artists" if i % 2 else f"Solo {i}", ["rock" if i < 40 else "pop"])
+              for i in range(80)]
+    p = libtrain.plan(tracks, min_tracks=5)
+    various = {r.split for r in p.records if r.artist == "various artists"}
+    assert len(various) == 1
+
+
+def test_names_data_rule(tmp_path):
+    (tmp_path / "set").mkdir()
+    (tmp_path / "m.csv").write_text("path,genre\n")
+    assert libtrain.names_data([str(tmp_path / "set"), str(tmp_path / "m.csv")])
+    assert not libtrain.names_data([])
+    assert not libtrain.names_data([str(tmp_path / "set"), "genre:rock"])
+    assert not libtrain.names_data([str(tmp_path / "set")], library_flag=True)
+
+
+def test_init_from_defaults_to_the_shipped_model():
+    from beetsplug.crnn.model import default_weights_dir
+
+    parse = libtrain.build_train_parser().parse_args
+    assert libtrain.resolve_init(parse([])) == str(default_weights_dir())
+    assert libtrain.resolve_init(parse(["--from-scratch"])) is None
+    assert libtrain.resolve_init(parse(["--init-from", "/x"])) == "/x"
+    with pytest.raises(CrnnError, match="exclude each other"):
+        libtrain.resolve_init(parse(["--from-scratch", "--init-from", "/x"]))
+    ns = parse(["genre:rock"])
+    assert ns.query == ["genre:rock"] and ns.max_minutes == 60 and ns.min_tracks == 30 and ns.max_genres == 20
+
+
+# ---- the excerpt cache ----
+
+def test_excerpt_cache_matches_serving_and_caps_its_size(tmp_path):
+    long = write_clip(tmp_path / "long.flac", 200.0, sr=44100, kind="tonal", seed=3)
+    short = write_clip(tmp_path / "short.wav", 50.0, kind="beat", seed=4)
+    cache = libtrain.ExcerptCache(tmp_path / "ex", 2)
+    whole = dataset.MelCache(tmp_path / "whole")
+    parts, starts, n = cache.entry(long)
+    assert len(parts) == 2 and n == 200 * SR  # two spans around the two windows, not the whole track
+    assert sum(p.shape[1] for p in parts) < 0.5 * whole.get(long)[0].shape[1]
+    np.testing.assert_allclose(cache.serving(long, 2), whole.serving(long, 2), atol=0.2)  # float16 rounding
+    assert isinstance(cache.get(long)[0], list)
+    # a track the spans cover is cached whole, exactly as manifest training caches it
+    np.testing.assert_array_equal(cache.get(short)[0].astype(np.float32), whole.get(short)[0])
+    np.testing.assert_array_equal(cache.serving(short, 2), whole.serving(short, 2))
+    # size cap: the entries used longest ago go, this run's never
+    capped = libtrain.ExcerptCache(tmp_path / "ex", 2, max_bytes=1)
+    old = cache._key(Path(long))
+    os.utime(old, (time.time() - 1000, time.time() - 1000))
+    removed, left = capped.prune(keep=[short])
+    assert removed == 1 and not old.exists() and cache.has(short) and left > 1
+
+
+# ---- new genre output on a model that knows other genres ----
+
+def test_init_from_with_new_head_keeps_every_other_layer(tmp_path, tiny_model):
+    from beetsplug.crnn import train
+    from beetsplug.crnn.model import build_for, ModelCard
+
+    recs = []
+    for g, kind in (("drone", "drone"), ("bells", "bells")):
+        for i, split in enumerate(("train", "train", "val")):
+            path = tmp_path / f"{g}{i}.wav"
+            sf.write(str(path), family_clip(kind, i), SR)
+            recs.append(dataset.Record(path, g, split, f"{g} {i}", "library"))
+    trainer = train.Trainer(recs, libtrain.ExcerptCache(tmp_path / "c", 2), log=lambda m: None)
+    with pytest.raises(CrnnError, match="--init-from model knows"):
+        trainer.fit(epochs=1, init_from=str(tiny_model.weights.parent), max_steps=1)
+    full, arch, info = trainer.fit(epochs=1, init_from=str(tiny_model.weights.parent), new_head=True, lr=0.0,
+                                   max_steps=1, recalibrate=False)
+    start = build_for(ModelCard.load(tiny_model.weights.parent))
+    start.load_weights(str(tiny_model.weights))
+    for name in ("conv1", "conv4", "gru1", "gru2"):
+        for a, b in zip(full.get_layer(name).get_weights(), start.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert full.get_layer("genres").get_weights()[0].shape == (arch["gru_units"], 2)
+    assert arch["conv_filters"] == list(tiny_model.architecture["conv_filters"])
+
+
+# ---- through beets' CLI ----
+
+def test_dry_run_prints_taxonomy_with_aliases_and_multi_genre(lib_env):
+    proc = lib_env.run("crnntrain", "--min-tracks", "5", "--dry-run", "--from-scratch")
+    out = proc.stdout
+    assert "genre" in out and "train" in out
+    # three spellings of hip-hop and two aliases of electronic are one genre each
+    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()}
+    assert set(lines) >= {"classical", "electronic", "hip-hop"}
+    assert sum(map(int, lines["hip-hop"])) == 15 + 1  # 15 spellings + the multi-genre track
+    assert sum(map(int, lines["electronic"])) == 15 + 1 + 1  # + multi-genre + the broken file
+    assert "1 track(s) have several of these genres" in out
+    assert "1 without a genre" in out and "polka 1" in out
+    assert not (lib_env.root / "crnn_cache").exists()  # nothing decoded
+
+
+def test_no_genres_or_one_genre_is_a_one_line_error(tmp_path, tiny_model):
+    env = BeetsEnv(tmp_path, tiny_model.weights.parent)
+    for i in range(3):
+        add_track(env, write_clip(env.music / f"t{i}.wav", 2.0, seed=i), f"A{i}")
+    proc = env.run("crnntrain", check=False)
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert err == ["error: none of the 3 tracks in the library has a 'genre': tag them (MusicBrainz, lastgenre) "
+                   "or choose another field with --field"]
+    for i in range(3):
+        add_track(env, write_clip(env.music / f"r{i}.wav", 2.0, seed=i), f"B{i}", ["Rock"])
+    proc = env.run("crnntrain", "--min-tracks", "1", check=False)
+    assert proc.returncode != 0 and "training needs at least two genres" in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+    proc = env.run("crnntrain", "title:nothing-matches", check=False)
+    assert proc.returncode != 0 and "no tracks match the query 'title:nothing-matches'" in proc.stderr
+
+
+def test_field_option_reads_a_flexible_attribute(tmp_path, tiny_model):
+    env = BeetsEnv(tmp_path, tiny_model.weights.parent)
+    for i in range(8):
+        add_track(env, write_clip(env.music / f"t{i}.wav", 2.0, seed=i), f"A{i % 4}",
+                  mood="calm, dark" if i % 2 else "happy")
+    proc = env.run("crnntrain", "--field", "mood", "--min-tracks", "2", "--dry-run", "--from-scratch")
+    lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.split()}
+    assert {"calm", "dark", "happy"} <= set(lines)
+    assert "4 track(s) have several of these genres" in proc.stdout
+
+
+@pytest.mark.slow
+def test_crnntrain_learns_the_library_and_crnneval_compares(lib_env, tiny_model):
+    env = lib_env
+    # two test artists per genre, so same-genre neighbours by other artists exist for precision@5
+    split = ["--val-fraction", "0.2", "--test-fraction", "0.3"]
+    proc = env.run("crnntrain", "--min-tracks", "5", *split, "--init-from", tiny_model.weights.parent,
+                   "--epochs", "8", "--patience", "8", "--crops", "4", "--lr", "0.003", timeout=1800)
+    out, err = proc.stdout, proc.stderr
+    # the taxonomy first, then decoding (the broken file: one line, left out), then epochs
+    bad = [line for line in err.splitlines() if "broken.wav" in line]
+    assert len(bad) == 1 and "left out" in bad[0]
+    assert out.index("hip-hop") < out.index("epoch 1/8")
+    assert "epoch 3/8" in out and "val acc" in out and "left" in out
+    folders = model_folders(env)
+    assert len(folders) == 1
+    folder = folders[0]
+    assert f"crnn: {{model: {folder}}}" in out and "beet crnnembed" in out
+    from beetsplug.crnn.model import Embedder, ModelCard
+
+    card = ModelCard.load(folder)
+    assert card.model_id == folder.name and card.genres == ["classical", "electronic", "hip-hop"]
+    lib = card.extra["training"]["library"]
+    assert lib["query"] == "" and lib["field"] == "genre" and lib["decode_failed"] == 1
+    assert lib["tracks_per_genre"]["hip-hop"]["test"] >= 3
+    arts = lib["split"]["artists"]
+    assert not set(arts["test"]) & set(arts["train"]) and not set(arts["val"]) & set(arts["train"])
+    assert card.extra["training"]["new_head"] and card.extra["training"]["init_from"] == str(tiny_model.weights.parent)
+    test = card.extra["metrics"]["test"]["library"]
+    assert test["tracks"] >= 15 and test["artists"] >= 6
+    assert test["accuracy"] >= 0.67, test  # chance is 1/3
+    assert test["precision_at_k"]["cosine"] >= 0.6, test
+    Embedder(card)  # loadable
+
+    # a second run decodes nothing again (the broken file is tried, and reported, again)
+    cached = sorted(p.name for p in (env.root / "crnn_cache" / "mels").glob("*.npz"))
+    assert len(cached) == 49 - 3  # every track with a usable genre, but the broken one
+    proc = env.run("crnntrain", "--min-tracks", "5", *split, "--init-from", tiny_model.weights.parent,
+                   "--epochs", "1", "--max-steps", "1", "--out", env.root / "again")
+    assert sorted(p.name for p in (env.root / "crnn_cache" / "mels").glob("*.npz")) == cached
+    assert "broken.wav" in proc.stderr
+    assert ModelCard.load(env.root / "again").genres == card.genres
+
+    # crnneval: the trained model and the configured one (the tiny random model) side by side
+    proc = env.run("crnneval", "--model", folder, "--json", env.root / "eval.json")
+    assert card.model_id in proc.stdout and "precision@5 genre-aware" in proc.stdout
+    report = json.loads((env.root / "eval.json").read_text())
+    assert report["tracks"] == test["tracks"]
+    mine = report["models"][card.model_id]
+    assert mine["accuracy"] == pytest.approx(test["accuracy"])
+    assert mine["precision_at_k"]["cosine"] == pytest.approx(test["precision_at_k"]["cosine"])
+    configured = report["models"][f"{tiny_model.model_id} (configured)"]
+    assert configured["tracks"] == mine["tracks"] and configured["genres_scored"] == ["classical", "electronic"]
+    assert f"{tiny_model.model_id} (configured)" in proc.stdout.splitlines()[1]  # one header row, both columns
+    # the shipped model is a third column, or one line says why it is not
+    assert any("(shipped)" in name for name in report["models"]) or "shipped model not compared" in proc.stdout
+
+
+def _interrupt_env(tmp_path, tiny_model):
+    env = BeetsEnv(tmp_path, tiny_model.weights.parent, extra_config=ALIASES)
+    family_library(env, artists_per_genre=3, tracks_per_artist=2, extras=False)
+    return env
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_writes_the_best_epoch(tmp_path, tiny_model):
+    env = _interrupt_env(tmp_path, tiny_model)
+    cmd = [sys.executable, "-m", "beets", "crnntrain", "--min-tracks", "2", "--from-scratch", *TINY,
+           "--epochs", "500", "--patience", "500", "--crops", "30"]
+    proc = subprocess.Popen(cmd, env={**env.env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("epoch 2/"):  # epoch 3 (30 crops a track) takes seconds: it lands inside it
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(seen) + out
+    assert proc.returncode == 0, err
+    assert "interrupted: keeping the best epoch so far" in err
+    folders = model_folders(env)
+    assert len(folders) == 1 and "crnn: {model:" in out
+    from beetsplug.crnn.model import Embedder, ModelCard
+
+    card = ModelCard.load(folders[0])
+    training = card.extra["training"]
+    assert training["stopped"] == "interrupted" and training["epochs_run"] == 2 and training["best_epoch"] in (1, 2)
+    assert "metrics" not in card.extra  # evaluation is skipped after Ctrl-C
+    emb, probs = Embedder(card)(np.full((1, 96, 1366), -30.0, np.float32))
+    assert emb.shape == (1, 4) and probs.shape == (1, 3)
+    assert not list((env.root / "crnn_models").glob(".training-*"))
+
+
+@pytest.mark.slow
+def test_max_minutes_ends_training_with_a_usable_model(tmp_path, tiny_model):
+    env = _interrupt_env(tmp_path, tiny_model)
+    t = time.time()
+    proc = env.run("crnntrain", "--min-tracks", "2", "--from-scratch", *TINY, "--epochs", "500",
+                   "--patience", "500", "--crops", "30", "--max-minutes", "0.01")
+    assert time.time() - t < 300
+    assert "time limit of 0.01 minutes reached" in proc.stderr
+    from beetsplug.crnn.model import ModelCard
+
+    card = ModelCard.load(model_folders(env)[0])
+    assert card.extra["training"]["stopped"] == "time limit" and card.extra["training"]["epochs_run"] == 1
+    assert "test" in card.extra["metrics"]
+
+
+def test_library_options_are_refused_with_data(beets_env, tmp_path):
+    data = tmp_path / "set"
+    data.mkdir()
+    proc = beets_env.run("crnntrain", data, "--field", "mood", check=False)
+    assert proc.returncode != 0 and "--field is for a library query" in proc.stderr
+    proc = beets_env.run("crnneval", "genre:rock", "--robustness", check=False)
+    assert proc.returncode != 0 and "--robustness is for evaluating DATA" in proc.stderr
