@@ -19,6 +19,7 @@ from .audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WINDOW_FRAMES
 AMIN = 1e-20
 FMAX = 9500.0  # Hz: the top mel band's upper edge (below the cut of 48-64 kbit/s MP3s)
 FLOOR_DB = 80.0  # model input range: 0 dB (the window's loudest cell) down to -80 dB
+SILENCE_DB = -120.0  # a window that never gets louder than this is silence
 
 PARAMS = {
     "sample_rate": SAMPLE_RATE,
@@ -30,7 +31,7 @@ PARAMS = {
     "center": False,
     "fmax": FMAX,
     "scale": "10*log10(max(power, 1e-20))",
-    "normalise": "per window: dB below the window's maximum, floored at -80 dB",
+    "normalise": "per window: dB below the window's maximum (at least -120 dB), floored at -80 dB",
     "short_clips": "looped to fill a window",
 }
 
@@ -78,5 +79,7 @@ def model_input(mels: np.ndarray) -> np.ndarray:
     floor) from carrying information.
     """
     m = np.asarray(mels, dtype=np.float32)
-    peak = m.max(axis=(-2, -1), keepdims=True)
+    # A window whose loudest cell is below SILENCE_DB is silence: it maps to the floor everywhere
+    # (not to 0 dB, which would make digital silence read as a loud, flat spectrum).
+    peak = np.maximum(m.max(axis=(-2, -1), keepdims=True), SILENCE_DB)
     return np.maximum(m - peak, -FLOOR_DB).astype(np.float32)
