@@ -489,7 +489,7 @@ def decode(records, cache: ExcerptCache, workers=None, timeout=audio.DEFAULT_TIM
     Returns the records whose audio is ready; each file that fails is reported once through
     ``on_error(message)`` and left out. ``progress()`` is called once per record.
     """
-    from .pipeline import _DecodePool, _Task, default_workers
+    from .pipeline import _DecodePool, _Task, decode_step, default_workers
 
     workers = workers or default_workers()
     ready, todo = [], []
@@ -503,16 +503,8 @@ def decode(records, cache: ExcerptCache, workers=None, timeout=audio.DEFAULT_TIM
     failed = set()
 
     def work(task):
-        try:
-            cache.entry(task.path, timeout=timeout, opened=lambda f: setattr(task, "audio", f))
-        except CrnnError:
-            raise
-        except FileNotFoundError:
-            raise AudioError(f"{display_path(task.path)}: file not found") from None
-        except PermissionError:
-            raise AudioError(f"{display_path(task.path)}: permission denied") from None
-        except Exception as exc:  # a decoder bug in one file must not end the run
-            raise AudioError(f"{display_path(task.path)}: {type(exc).__name__}: {exc}") from None
+        decode_step(task.path, lambda: cache.entry(task.path, timeout=timeout,
+                                                   opened=lambda f: setattr(task, "audio", f)))
 
     log_mel(np.zeros(WINDOW_SAMPLES, np.float32))  # librosa's import and filters: not charged to the first file
     pool = _DecodePool(workers, work)

@@ -60,6 +60,21 @@ def track_mels(path, n_windows: int, timeout: float, opened=None) -> tuple[np.nd
     return np.stack([log_mel(w) for w in windows]), mtime, f.warning
 
 
+def decode_step(path, step):
+    """Run one file's decoding step; any failure but our own becomes one AudioError line naming the file,
+    so a decoder bug in one file never ends the batch."""
+    try:
+        return step()
+    except CrnnError:
+        raise
+    except FileNotFoundError:
+        raise AudioError(f"{display_path(path)}: file not found") from None
+    except PermissionError:
+        raise AudioError(f"{display_path(path)}: permission denied") from None
+    except Exception as exc:
+        raise AudioError(f"{display_path(path)}: {type(exc).__name__}: {exc}") from None
+
+
 class _Task:
     __slots__ = ("key", "path", "started", "thread", "done", "value", "error", "audio", "abandoned", "lock")
 
@@ -161,17 +176,8 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
     pending: list = []  # (task, mels, mtime, warning) waiting for the next batch
 
     def prepare(task: _Task):
-        path = task.path
-        try:
-            return track_mels(path, n_windows, timeout, opened=lambda f: setattr(task, "audio", f))
-        except CrnnError:
-            raise
-        except FileNotFoundError:
-            raise AudioError(f"{display_path(path)}: file not found") from None
-        except PermissionError:
-            raise AudioError(f"{display_path(path)}: permission denied") from None
-        except Exception as exc:  # a decoder bug in one file must not end the batch
-            raise AudioError(f"{display_path(path)}: {type(exc).__name__}: {exc}") from None
+        return decode_step(task.path, lambda: track_mels(task.path, n_windows, timeout,
+                                                         opened=lambda f: setattr(task, "audio", f)))
 
     def flush():
         if not pending:
