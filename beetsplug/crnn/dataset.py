@@ -165,11 +165,10 @@ def serving_windows(mel: np.ndarray, n_samples: int, n_windows: int) -> np.ndarr
     return np.stack([mel[:, s // HOP_LENGTH : s // HOP_LENGTH + WINDOW_FRAMES] for s in starts])
 
 
-def random_crop(mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A hop-aligned random 1366-frame crop (augmentation: a clip gives many windows)."""
-    extra = mel.shape[1] - WINDOW_FRAMES
-    start = int(rng.integers(0, extra + 1)) if extra > 0 else 0
-    return mel[:, start : start + WINDOW_FRAMES]
+def random_start(n_frames: int, rng: np.random.Generator) -> int:
+    """Start of a hop-aligned random 1366-frame crop of an n_frames log-mel (augmentation: a clip gives many windows)."""
+    extra = n_frames - WINDOW_FRAMES
+    return int(rng.integers(0, extra + 1)) if extra > 0 else 0
 
 
 def mask_bands(mel: np.ndarray, rng: np.random.Generator, n_masks=2, max_bands=12, max_frames=120) -> np.ndarray:

@@ -119,9 +119,13 @@ def crop_targets(entry: dict, start_frame: int, n_frames: int) -> tuple[np.ndarr
     t0 = start_frame * HOP_LENGTH / SAMPLE_RATE
     t1 = (start_frame + n_frames) * HOP_LENGTH / SAMPLE_RATE
     centres = (np.arange(len(tags)) + 0.5) * hop
-    inside = (centres >= t0) & (centres <= t1)
-    if entry["seconds"] <= t1 - t0 or not inside.any():
-        inside = np.ones(len(tags), bool) if entry["seconds"] <= t1 - t0 else np.abs(centres - (t0 + t1) / 2) == np.abs(centres - (t0 + t1) / 2).min()
+    if entry["seconds"] <= t1 - t0:  # looped to fill the crop: every window is in it
+        inside = np.ones(len(tags), bool)
+    else:
+        inside = (centres >= t0) & (centres <= t1)
+        if not inside.any():  # no window centred inside: the nearest one(s)
+            distance = np.abs(centres - (t0 + t1) / 2)
+            inside = distance == distance.min()
     return tags[inside].mean(axis=0), emb[inside].mean(axis=0)
 
 

@@ -28,6 +28,7 @@ from . import augment, dataset
 from .audio import DEFAULT_WINDOWS, HOP_LENGTH, WINDOW_FRAMES
 from .errors import CrnnError, ModelError
 from .features import model_input
+from .teacher import crop_targets
 from .model import CARD_NAME, DEFAULT_ARCHITECTURE, WEIGHTS_NAME, ModelCard, build, import_tensorflow, sha256_of
 
 DEFAULT_CACHE = Path(".cache") / "mels"
@@ -127,7 +128,7 @@ class Trainer:
             self.train_versions = [[self.cache.get(p)[0] for p in made[r.path].values()] for r in fit_records]
             self.log(f"{sum(map(len, self.train_versions))} codec versions ready in {time.time() - t:.0f} s")
         self.teacher = None
-        self.tag_names = []
+        self.tag_names, self.teacher_dim = [], 0
         if teacher:
             from . import teacher as teacher_mod
 
@@ -135,6 +136,7 @@ class Trainer:
             teacher_mod.compute([r.path for r in fit_records], tcache, log=log)
             self.teacher = [tcache.get(r.path) if tcache.has(r.path) else None for r in fit_records]
             self.tag_names = teacher_mod.tag_names()
+            self.teacher_dim = next((e["emb"].shape[1] for e in self.teacher if e is not None), 0)
             self.log(f"teacher targets for {sum(e is not None for e in self.teacher)} of {len(fit_records)} clips")
 
     def _mask(self, record) -> np.ndarray:
@@ -170,8 +172,7 @@ class Trainer:
             if isinstance(mel, list):  # a library track cached as a few separate spans: crop inside one of them
                 part = int(rng.integers(len(mel)))
                 mel = mel[part]
-            extra = mel.shape[1] - WINDOW_FRAMES
-            start = int(rng.integers(0, extra + 1)) if extra > 0 else 0
+            start = dataset.random_start(mel.shape[1], rng)
             if self.train_versions[i] and rng.random() < version_p:
                 mel = self.train_versions[i][int(rng.integers(len(self.train_versions[i])))]
                 if isinstance(mel, list):
@@ -187,12 +188,10 @@ class Trainer:
                 c = dataset.mask_bands(c, rng)
             crops.append(c)
             if self.teacher is not None:
-                from .teacher import crop_targets
-
                 e = self.teacher[i]
-                if e is None:
-                    tags.append(np.zeros(50, np.float32))
-                    embs.append(np.zeros(201, np.float32))
+                if e is None:  # no teacher output for this clip: zero targets, flagged absent (has = 0)
+                    tags.append(np.zeros(len(self.tag_names), np.float32))
+                    embs.append(np.zeros(self.teacher_dim + 1, np.float32))
                 else:
                     t, v = crop_targets(e, start, WINDOW_FRAMES)
                     tags.append(t)
@@ -316,7 +315,7 @@ class Trainer:
             weights["tags"] = teacher_weight
         if self.teacher is not None and teacher_target in ("emb", "both"):
             # A training-only projection of the 68-d embedding onto the teacher's 200-d space.
-            outputs["teacher_emb"] = keras.layers.Dense(200, name="teacher_emb")(full.outputs[0])
+            outputs["teacher_emb"] = keras.layers.Dense(self.teacher_dim, name="teacher_emb")(full.outputs[0])
             losses["teacher_emb"] = teacher_emb_loss
             weights["teacher_emb"] = teacher_weight
         net = keras.Model(full.input, outputs)
