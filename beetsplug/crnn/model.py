@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,9 @@ CARD_FORMAT = 1
 POOLS = ((2, 2), (3, 3), (4, 4), (4, 4))
 DEFAULT_ARCHITECTURE = {"conv_filters": [68, 137, 137, 137], "gru_units": 68, "dropout": 0.1}
 
+
+# A plain install analyses with onnxruntime; training and the Keras runtime need TensorFlow.
+NEEDS_TRAIN = "this needs TensorFlow, which a plain install leaves out: pip install beets-crnn[train]"
 
 # What TensorFlow's C++ logger prints while it loads, whatever TF_CPP_MIN_LOG_LEVEL says.
 _IMPORT_NOTICES = ("oneDNN custom operations are on", "All log messages before absl::InitializeLog()")
@@ -50,6 +54,10 @@ def import_tensorflow():
     quiet_tensorflow()
     if "tensorflow" in sys.modules and "keras" in sys.modules:
         return sys.modules["tensorflow"]
+    from importlib.util import find_spec
+
+    if find_spec("tensorflow") is None or find_spec("keras") is None:
+        raise ModelError(NEEDS_TRAIN)
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -76,7 +84,14 @@ def import_tensorflow():
 
 
 def default_weights_dir() -> Path:
-    """The shipped model_weights/: package data when installed, the repo folder in a checkout."""
+    """The shipped model_weights/: the repo folder in a checkout, package data when installed.
+
+    A checkout's own folder comes first, so that code run from a checkout (a git worktree beside
+    an editable install of another one, say) never uses or writes the other one's model.
+    """
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "setup.cfg").is_file() and (checkout / "model_weights" / CARD_NAME).is_file():
+        return checkout / "model_weights"
     try:
         from importlib.resources import files
 
@@ -115,6 +130,7 @@ class ModelCard:
     features: dict = field(default_factory=lambda: dict(PARAMS))
     extra: dict = field(default_factory=dict)  # training data, command, metrics: carried, not interpreted
     tags: list = field(default_factory=list)  # names of the tag head's outputs (distilled from a teacher), if any
+    onnx: dict | None = None  # the ONNX export beside the weights (file, sha256, check), when there is one
 
     @classmethod
     def load(cls, path=None) -> "ModelCard":
@@ -132,6 +148,7 @@ class ModelCard:
                 features=dict(data["features"]),
                 extra={k: v for k, v in data.items() if k not in _CARD_KEYS},
                 tags=[str(t) for t in data.get("tags", [])],
+                onnx=dict(data["onnx"]) if data.get("onnx") else None,
             )
         except ModelError:
             raise
@@ -156,6 +173,8 @@ class ModelCard:
         }
         if self.tags:
             data["tags"] = list(self.tags)
+        if self.onnx:
+            data["onnx"] = dict(self.onnx)
         data.update(self.extra)
         return data
 
@@ -174,7 +193,26 @@ class ModelCard:
             raise ModelError(f"weights file {self.weights} does not match its card (sha256 {actual[:12]}…, card says {self.sha256[:12]}…)")
 
 
-_CARD_KEYS = {"format", "model_id", "genres", "weights", "sha256", "architecture", "features", "tags"}
+    @property
+    def onnx_path(self) -> Path | None:
+        """The ONNX export the card records, or None when it records none."""
+        return self.weights.parent / self.onnx["file"] if self.onnx and self.onnx.get("file") else None
+
+    def verify_onnx(self) -> Path:
+        """The ONNX file must be the one the card records (checked against the Keras model at export)."""
+        path = self.onnx_path
+        if path is None:
+            raise ModelError(f"model {self.model_id} has no ONNX export (run crnn-export {self.weights.parent})")
+        if not path.is_file():
+            raise ModelError(f"ONNX file {path} is missing (run crnn-export {self.weights.parent})")
+        actual = sha256_of(path)
+        if actual != self.onnx.get("sha256"):
+            raise ModelError(f"ONNX file {path} does not match its card (sha256 {actual[:12]}…, card says "
+                             f"{str(self.onnx.get('sha256'))[:12]}…); run crnn-export {self.weights.parent}")
+        return path
+
+
+_CARD_KEYS = {"format", "model_id", "genres", "weights", "sha256", "architecture", "features", "tags", "onnx"}
 
 
 def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout=0.1, frames=WINDOW_FRAMES, n_tags=0):
@@ -305,3 +343,91 @@ class Embedder:
         probs = np.concatenate([o[1] for o in outs]).astype(np.float32)
         tags = np.concatenate([o[2] for o in outs]).astype(np.float32) if self.card.tags else None
         return emb, probs, tags
+
+
+RUNTIMES = ("auto", "onnx", "keras")
+
+# One onnxruntime session per (file, threads) in a process: loading parses and optimises the graph.
+_SESSIONS: dict = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _onnx_session(path: Path, threads: int):
+    key = (str(path), threads)
+    with _SESSIONS_LOCK:
+        if key not in _SESSIONS:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            try:
+                _SESSIONS[key] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                raise ModelError(f"ONNX file {path} cannot be loaded: {_first_line(exc)}") from None
+        return _SESSIONS[key]
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class OnnxEmbedder:
+    """The card's ONNX export on onnxruntime: the same outputs as ``Embedder`` in float32, without TensorFlow.
+
+    onnxruntime releases the GIL while it computes, so the analysis pipeline calls this from its
+    decoding threads (``in_workers``); ``threads`` is onnxruntime's own per call (0 = all cores).
+    """
+
+    in_workers = True
+    precision = "float32"
+
+    def __init__(self, card: ModelCard, batch_size: int = 8, threads: int = 0):
+        self.card = card
+        self.batch_size = max(1, int(batch_size))
+        path = card.verify_onnx()
+        self._session = _onnx_session(path, int(threads))
+        names = [o.name for o in self._session.get_outputs()]
+        if names[:2] != ["embedding", "genres"] or (card.tags and "tags" not in names):
+            raise ModelError(f"ONNX file {path} has outputs {names}, not what model {card.model_id} needs; "
+                             f"run crnn-export {card.weights.parent}")
+        self._names = names
+
+    def __call__(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        emb, probs, _ = self.analyse(mels)
+        return emb, probs
+
+    def analyse(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Log-mels -> (unit embeddings, genre probabilities, tag probabilities or None)."""
+        x = model_input(mels)
+        outs = [self._session.run(self._names, {"logmel": x[i : i + self.batch_size]})
+                for i in range(0, len(x), self.batch_size)]
+        emb = l2_normalise(np.concatenate([o[0] for o in outs]))
+        probs = np.concatenate([o[1] for o in outs]).astype(np.float32)
+        tags = np.concatenate([o[2] for o in outs]).astype(np.float32) if self.card.tags else None
+        return emb, probs, tags
+
+
+def resolve_runtime(card: ModelCard, precision: str = "auto", runtime: str = "auto") -> str:
+    """``onnx`` or ``keras`` for this card: auto = ONNX when the card records an export, unless bfloat16 is asked for
+    (onnxruntime computes the model in float32 only)."""
+    if runtime not in RUNTIMES:
+        raise ModelError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if runtime == "auto":
+        return "keras" if precision == "bfloat16" or not card.onnx else "onnx"
+    if runtime == "onnx" and precision == "bfloat16":
+        raise ModelError("precision bfloat16 needs runtime keras (the ONNX runtime computes in float32)")
+    return runtime
+
+
+def embedder_for(card: ModelCard, batch_size: int = 8, precision: str = "auto", runtime: str = "auto",
+                 threads: int = 0):
+    """The embedder a command uses: ONNX when the card has a verified export (see ``resolve_runtime``), else Keras."""
+    if resolve_runtime(card, precision, runtime) == "onnx":
+        card.verify()
+        return OnnxEmbedder(card, batch_size=batch_size, threads=threads)
+    return Embedder(card, batch_size=batch_size, precision=precision)

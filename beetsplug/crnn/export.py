@@ -1,0 +1,201 @@
+"""Export a trained CRNN to ONNX, so that analysis runs on onnxruntime without TensorFlow.
+
+    python -m beetsplug.crnn.export [MODEL_DIR]      # or: crnn-export [MODEL_DIR]
+
+The graph is written by hand with the ``onnx`` helper API from the Keras weights: each
+batch-norm after a conv is folded into that conv, the two GRU layers become ONNX ``GRU``
+ops (Keras 3 GRU: gates z, r, h and the reset gate applied after the recurrent matmul, which
+is ONNX's gate order with ``linear_before_reset=1``), and the batch stays dynamic. The
+export is checked against the Keras model on fixed inputs before the card records its
+sha256; a model that does not match is not written.
+
+Needs TensorFlow and onnx (``pip install beets-crnn[train]``); using the export needs neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .audio import N_MELS, WINDOW_FRAMES
+from .errors import CrnnError, ModelError
+from .features import model_input
+from .model import CARD_NAME, POOLS, ModelCard, build_for, import_tensorflow, sha256_of
+
+ONNX_NAME = "crnn.onnx"
+OPSET = 17
+ATOL = 1e-4  # float32: ONNX and Keras outputs may differ by this much at most on the check inputs
+CHECK_SEED = 2024
+
+
+def check_inputs(n: int = 4) -> np.ndarray:
+    """Fixed model inputs (n, 96, 1366) for the export check: smooth random spectra, one of them silence.
+
+    Made from a seed rather than audio, so the check needs no decoder and is the same every time.
+    """
+    rng = np.random.default_rng(CHECK_SEED)
+    mels = []
+    for i in range(n):
+        if i == n - 1:
+            mels.append(np.full((N_MELS, WINDOW_FRAMES), -200.0, np.float32))  # digital silence
+            continue
+        walk = np.cumsum(rng.normal(0, 1.5, (N_MELS, WINDOW_FRAMES)), axis=1)
+        tilt = -np.linspace(0, 40, N_MELS)[:, None]
+        mels.append((walk - walk.mean() + tilt + rng.normal(0, 6, (N_MELS, WINDOW_FRAMES))).astype(np.float32))
+    return model_input(np.stack(mels))
+
+
+def _bn(layer):
+    gamma, beta, mean, var = (np.asarray(w, np.float64) for w in layer.get_weights())
+    scale = gamma / np.sqrt(var + layer.epsilon)
+    return scale, beta - mean * scale
+
+
+def _gru_tensors(layer, name):
+    """ONNX W, R, B of a Keras 3 GRU layer (gate order z, r, h on both sides)."""
+    if not layer.reset_after or not layer.use_bias:
+        raise ModelError(f"{name}: only GRUs with reset_after=True and biases can be exported")
+    if layer.activation.__name__ != "tanh" or layer.recurrent_activation.__name__ != "sigmoid":
+        raise ModelError(f"{name}: only tanh/sigmoid GRUs can be exported")
+    kernel, recurrent, bias = (np.asarray(w, np.float32) for w in layer.get_weights())
+    # Keras: kernel (input, 3u), recurrent (u, 3u), bias (2, 3u) = [input bias, recurrent bias]
+    w = kernel.T[None]  # (1, 3u, input)
+    r = recurrent.T[None]  # (1, 3u, u)
+    b = np.concatenate([bias[0], bias[1]])[None]  # (1, 6u): Wb then Rb
+    return w, r, b
+
+
+def to_onnx(net):
+    """The Keras CRNN as an ONNX ModelProto: input ``logmel`` (batch, 96, 1366) = model_input's output;
+    outputs ``embedding`` (not yet unit length), ``genres`` and, with a tag head, ``tags``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+
+    def const(name, value):
+        inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    layer = {l.name: l for l in net.layers}
+    const("ax1", np.array([1], np.int64))
+    const("ax2", np.array([2], np.int64))
+    const("ax0", np.array([0], np.int64))
+    # (b, 96, 1366) -> NCHW (b, 1, 96, 1366); per-band input norm as a multiply-add (it cannot fold
+    # into conv1: the conv's zero padding would then no longer be zero after the norm)
+    nodes.append(helper.make_node("Unsqueeze", ["logmel", "ax1"], ["x0"]))
+    scale, shift = _bn(layer["input_norm"])
+    const("in_scale", scale.astype(np.float32).reshape(1, 1, N_MELS, 1))
+    const("in_shift", shift.astype(np.float32).reshape(1, 1, N_MELS, 1))
+    nodes.append(helper.make_node("Mul", ["x0", "in_scale"], ["x0s"]))
+    nodes.append(helper.make_node("Add", ["x0s", "in_shift"], ["x"]))
+    x = "x"
+    for i, pool in enumerate(POOLS, 1):
+        kernel = np.asarray(layer[f"conv{i}"].get_weights()[0], np.float64)  # (kh, kw, in, out)
+        scale, shift = _bn(layer[f"bn{i}"])
+        w = (kernel * scale).transpose(3, 2, 0, 1).astype(np.float32)  # (out, in, kh, kw), bn folded
+        const(f"conv{i}_w", w)
+        const(f"conv{i}_b", shift.astype(np.float32))
+        nodes.append(helper.make_node("Conv", [x, f"conv{i}_w", f"conv{i}_b"], [f"c{i}"], kernel_shape=[3, 3],
+                                      pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        nodes.append(helper.make_node("MaxPool", [f"r{i}"], [f"p{i}"], kernel_shape=list(pool), strides=list(pool)))
+        x = f"p{i}"
+    # (b, C, 1, T) -> (T, b, C): a sequence over time for the GRUs
+    nodes.append(helper.make_node("Squeeze", [x, "ax2"], ["seq_bct"]))
+    nodes.append(helper.make_node("Transpose", ["seq_bct"], ["seq"], perm=[2, 0, 1]))
+    units = int(layer["gru1"].units)
+    for j, name in enumerate(("gru1", "gru2")):
+        w, r, b = _gru_tensors(layer[name], name)
+        inputs = ["seq" if j == 0 else "h1", const(f"{name}_W", w), const(f"{name}_R", r), const(f"{name}_B", b)]
+        nodes.append(helper.make_node("GRU", inputs, [f"{name}_y", f"{name}_yh"], hidden_size=units,
+                                      linear_before_reset=1))
+        if j == 0:  # (T, 1, b, u) -> (T, b, u): the whole sequence feeds gru2
+            nodes.append(helper.make_node("Squeeze", ["gru1_y", "ax1"], ["h1"]))
+    nodes.append(helper.make_node("Squeeze", ["gru2_yh", "ax0"], ["embedding"]))
+    outputs = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", units])]
+    for head in ("genres", "tags"):
+        if head not in layer:
+            continue
+        kernel, bias = (np.asarray(v, np.float32) for v in layer[head].get_weights())
+        nodes.append(helper.make_node("Gemm", ["embedding", const(f"{head}_w", kernel), const(f"{head}_b", bias)],
+                                      [f"{head}_logit"]))
+        nodes.append(helper.make_node("Sigmoid", [f"{head}_logit"], [head]))
+        outputs.append(helper.make_tensor_value_info(head, TensorProto.FLOAT, ["batch", kernel.shape[1]]))
+    graph = helper.make_graph(nodes, "crnn", [helper.make_tensor_value_info("logmel", TensorProto.FLOAT,
+                                                                            ["batch", N_MELS, WINDOW_FRAMES])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="beets-crnn")
+    model.ir_version = 8  # readable by onnxruntime 1.14 and later
+    onnx.checker.check_model(model)
+    return model
+
+
+def keras_outputs(net, x: np.ndarray) -> list[np.ndarray]:
+    return [np.asarray(o, np.float32) for o in net(x[..., None], training=False)]
+
+
+def export_model(net, card: ModelCard, x: np.ndarray | None = None) -> dict:
+    """Write ``crnn.onnx`` beside the card's weights for the loaded Keras model ``net`` and check it.
+
+    Returns the card's ``onnx`` block (file, sha256, opset, the check's largest difference); the
+    caller saves the card. Raises ModelError (and writes nothing) when ONNX and Keras disagree.
+    """
+    import onnxruntime as ort
+
+    x = check_inputs() if x is None else x
+    proto = to_onnx(net)
+    data = proto.SerializeToString()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = session.run(names, {"logmel": x})
+    want = keras_outputs(net, x)
+    if len(got) != len(want):
+        raise ModelError(f"ONNX export gives {len(got)} outputs, the Keras model {len(want)}")
+    diff = max(float(np.max(np.abs(g - w))) for g, w in zip(got, want))
+    if not diff <= ATOL:
+        raise ModelError(f"ONNX export differs from the Keras model by {diff:.2g} (more than {ATOL:g}); not written")
+    path = card.weights.parent / ONNX_NAME
+    tmp = path.with_name("tmp-" + ONNX_NAME)
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return {"file": ONNX_NAME, "sha256": sha256_of(path), "opset": OPSET, "outputs": names,
+            "checked": {"inputs": f"{len(x)} fixed windows (export.check_inputs)", "max_abs_diff": diff,
+                        "atol": ATOL}}
+
+
+def export(model_dir=None, log=print) -> ModelCard:
+    """Export the model in ``model_dir`` (default: the shipped one) and record it in its card."""
+    card = ModelCard.load(model_dir)
+    card.verify()
+    import_tensorflow()
+    net = build_for(card)
+    try:
+        net.load_weights(str(card.weights))
+    except Exception as exc:
+        raise ModelError(f"weights {card.weights} do not fit the architecture in the card: {exc}") from None
+    card.onnx = export_model(net, card)
+    card.save(card.weights.parent / CARD_NAME)
+    log(f"wrote {card.weights.parent / ONNX_NAME} (largest difference to Keras {card.onnx['checked']['max_abs_diff']:.1e})")
+    return card
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="crnn-export", description="Export a beets-crnn model to ONNX (crnn.onnx).")
+    p.add_argument("model", nargs="?", default=None, help="model folder or card (default: the shipped model)")
+    args = p.parse_args(argv)
+    try:
+        export(args.model)
+    except CrnnError as exc:
+        print(f"crnn-export: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
