@@ -39,7 +39,8 @@ class CrnnPlugin(BeetsPlugin):
                 "windows": 2,  # analysis windows (~32 s each) per track, one centred in each of as many parts
                 "workers": 0,  # decoding threads; 0 = number of cores
                 "batch_size": 4,  # windows per CRNN call (on CPU, 16 costs the same per window but ~0.55 GB more RAM)
-                "precision": "auto",  # CRNN arithmetic: auto = bfloat16 where the CPU has it natively, else float32
+                "precision": "auto",  # Keras runtime's arithmetic: auto = bfloat16 where the CPU has it natively, else float32
+                "runtime": "auto",  # auto = onnx when the model has a verified ONNX export, else keras
                 "timeout": 120.0,  # seconds one file may take to decode
                 "tag_threshold": store.DEFAULT_TAG_THRESHOLD,  # crnn_tags keeps tags this probable (0.3: MSD tags are rare, so well above chance)
                 "max_tags": store.DEFAULT_MAX_TAGS,  # at most this many in crnn_tags (0 = no cap)
@@ -149,18 +150,23 @@ class CrnnPlugin(BeetsPlugin):
 
     # ---- crnnembed ----
 
-    def embedder(self):
+    def embedder(self, workers=None):
+        """The CRNN for crnnembed and the import stage; ``workers`` decoding threads share the cores with it."""
         import warnings
 
-        from .model import PRECISIONS, Embedder
+        from .model import PRECISIONS, RUNTIMES, embedder_for
+        from .pipeline import default_workers
 
         try:
             # Keras reports weights it could not place as warnings and carries on with random ones:
             # for us that is a wrong model, so such a warning is an error.
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                embedder = Embedder(self.card(), batch_size=self.config["batch_size"].get(int),
-                                    precision=self.config["precision"].as_choice(list(PRECISIONS)))
+                # ONNX runs in the decoding threads: each call gets the cores the workers leave it
+                threads = max(1, default_workers() // (workers or default_workers()))
+                embedder = embedder_for(self.card(), batch_size=self.config["batch_size"].get(int),
+                                        precision=self.config["precision"].as_choice(list(PRECISIONS)),
+                                        runtime=self.config["runtime"].as_choice(list(RUNTIMES)), threads=threads)
         except CrnnError as exc:
             raise UserError(_one_line(str(exc))) from None
         for w in caught:
@@ -237,7 +243,7 @@ class CrnnPlugin(BeetsPlugin):
         if not todo:
             self._log.info("embedded 0, up to date {}, failed 0", current)
             return 0
-        embedder = self.embedder()
+        embedder = self.embedder(workers)
         by_id = {item.id: item for item in todo}
         done = failed = 0
         bar = _progress(len(todo), quiet)
@@ -672,6 +678,13 @@ class CrnnPlugin(BeetsPlugin):
 
     def cmd_train(self, lib, opts, args):
         from . import libtrain
+        from .model import require_tensorflow
+
+        if not getattr(opts, "dry_run", False):
+            try:
+                require_tensorflow()  # before the library is decoded
+            except CrnnError as exc:
+                raise UserError(str(exc)) from None
 
         if not libtrain.names_data(args, opts.library):
             return self.train_library(lib, opts, args)

@@ -20,7 +20,7 @@ import numpy as np
 from . import dataset
 from .audio import DEFAULT_WINDOWS
 from .errors import CrnnError
-from .model import Embedder, ModelCard, pool_track
+from .model import ModelCard, embedder_for, pool_track
 from .rank import DEFAULT_GENRE_WEIGHT
 
 
@@ -64,7 +64,7 @@ def evaluate(records, card: ModelCard, cache_dir=Path(".cache") / "mels", split=
         raise CrnnError(f"split {split!r} has no genre the model knows (it knows {', '.join(card.genres)})")
     unknown = sorted({r.genre for r in chosen} - set(card.genres))
     scored = [r for r in chosen if r.genre in shared]
-    embedder = embedder or Embedder(card)
+    embedder = embedder or embedder_for(card, precision="float32")
     cache = dataset.MelCache(cache_dir)
     embs, probs = embed_records(scored, embedder, cache, n_windows)
     cols = [card.genres.index(g) for g in shared]
@@ -110,7 +110,7 @@ def run(args, log=None) -> str:
 
     log = log or (lambda m: print(m, file=sys.stderr))
     card = ModelCard.load(args.model)
-    embedder = Embedder(card)
+    embedder = embedder_for(card, precision="float32")  # the ONNX export when the card has one, as crnnembed
     reports, out = {}, []
     for data in args.data:
         records = dataset.read_records(data)

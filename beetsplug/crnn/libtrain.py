@@ -823,9 +823,9 @@ def _num(x) -> str:
 
 def embed(records, card, cache, n_windows, embedder=None):
     """(unit embeddings, genre probabilities) per record, from the windows crnnembed analyses."""
-    from .model import Embedder, pool_track
+    from .model import embedder_for, pool_track
 
-    embedder = embedder or Embedder(card)
+    embedder = embedder or embedder_for(card, precision="float32")
     embs, probs = [], []
     for r in records:
         e, p = pool_track(*embedder(cache.serving(r.path, n_windows)))

@@ -45,6 +45,14 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
+def require_tensorflow() -> None:
+    """Fail at once, with the install hint, where a command will need TensorFlow later on."""
+    from importlib.util import find_spec
+
+    if find_spec("tensorflow") is None or find_spec("keras") is None:
+        raise ModelError(NEEDS_TRAIN)
+
+
 def import_tensorflow():
     """Import TensorFlow and Keras without their load-time notices reaching the terminal.
 
@@ -54,10 +62,7 @@ def import_tensorflow():
     quiet_tensorflow()
     if "tensorflow" in sys.modules and "keras" in sys.modules:
         return sys.modules["tensorflow"]
-    from importlib.util import find_spec
-
-    if find_spec("tensorflow") is None or find_spec("keras") is None:
-        raise ModelError(NEEDS_TRAIN)
+    require_tensorflow()
     try:
         sys.stderr.flush()
         saved = os.dup(2)

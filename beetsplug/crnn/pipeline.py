@@ -1,4 +1,4 @@
-"""Streamed analysis: decode + log-mel in worker threads, batched CRNN inference in the caller's thread.
+"""Streamed analysis: decode + log-mel in worker threads; the CRNN there too (ONNX) or batched in the caller's thread (Keras).
 
 Only a bounded number of tracks are in flight, so memory stays flat however long the list;
 results come back one track at a time, so the caller can store each as soon as it is done.
@@ -175,33 +175,42 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
     in_flight: deque = deque()
     pending: list = []  # (task, mels, mtime, warning) waiting for the next batch
 
+    # An embedder that releases the GIL (onnxruntime) runs in the decoding threads, one track a call:
+    # the cores then decode and infer at once. Keras runs here, on batches gathered across tracks.
+    in_workers = getattr(embedder, "in_workers", False)
+
     def prepare(task: _Task):
-        return decode_step(task.path, lambda: track_mels(task.path, n_windows, timeout,
-                                                         opened=lambda f: setattr(task, "audio", f)))
+        mels, mtime, warning = decode_step(task.path, lambda: track_mels(task.path, n_windows, timeout,
+                                                                         opened=lambda f: setattr(task, "audio", f)))
+        return (mels, mtime, warning), (run_model(mels) if in_workers else None)
+
+    def run_model(mels):
+        if hasattr(embedder, "analyse"):
+            return embedder.analyse(mels)
+        return (*embedder(mels), None)  # any callable giving (embeddings, genre probabilities) will do
+
+    def result(task, embs, probs, tags, mtime, warning):
+        e, p = pool_track(embs, probs)
+        t = None if tags is None else tags.mean(axis=0).astype(np.float32)  # pooled like genres
+        if not (np.all(np.isfinite(e)) and np.all(np.isfinite(p)) and (t is None or np.all(np.isfinite(t)))
+                and abs(float(np.linalg.norm(e)) - 1) < 1e-3):
+            return Result(task.key, task.path, error=f"{display_path(task.path)}: the model gave no "
+                                                     "usable embedding (NaN or zero vector)")
+        return Result(task.key, task.path, e, p, mtime, warning=warning, tags=t)
 
     def flush():
         if not pending:
             return []
-        mels = np.concatenate([m for _, m, _, _ in pending])
-        if hasattr(embedder, "analyse"):
-            embs, probs, tags = embedder.analyse(mels)
-        else:  # any callable giving (embeddings, genre probabilities) will do
-            (embs, probs), tags = embedder(mels), None
+        embs, probs, tags = run_model(np.concatenate([m for _, m, _, _ in pending]))
         out, i = [], 0
         for task, m, mtime, warning in pending:
-            e, p = pool_track(embs[i : i + len(m)], probs[i : i + len(m)])
-            t = None if tags is None else tags[i : i + len(m)].mean(axis=0).astype(np.float32)  # pooled like genres
-            i += len(m)
-            if not (np.all(np.isfinite(e)) and np.all(np.isfinite(p)) and (t is None or np.all(np.isfinite(t)))
-                    and abs(float(np.linalg.norm(e)) - 1) < 1e-3):
-                out.append(Result(task.key, task.path, error=f"{display_path(task.path)}: the model gave no "
-                                                             "usable embedding (NaN or zero vector)"))
-            else:
-                out.append(Result(task.key, task.path, e, p, mtime, warning=warning, tags=t))
+            j = i + len(m)
+            out.append(result(task, embs[i:j], probs[i:j], None if tags is None else tags[i:j], mtime, warning))
+            i = j
         pending.clear()
         return out
 
-    # Import librosa and build the mel filters now, so that one-time cost is not charged to the first files' time limit.
+    # Build the mel filters now, so that one-time cost is not charged to the first files' time limit.
     log_mel(np.zeros(audio.WINDOW_SAMPLES, np.float32))
     pool = _DecodePool(workers, prepare)
     try:
@@ -228,8 +237,11 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
                     yield Result(task.key, task.path, error=str(task.error))
                     continue
                 raise task.error  # KeyboardInterrupt/SystemExit/MemoryError in a worker
-            mels, mtime, warning = task.value
+            (mels, mtime, warning), outputs = task.value
             task.value = None
+            if outputs is not None:
+                yield result(task, *outputs, mtime, warning)
+                continue
             pending.append((task, mels, mtime, warning))
             if sum(len(m) for _, m, _, _ in pending) >= batch_windows:
                 yield from flush()

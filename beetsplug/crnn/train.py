@@ -29,7 +29,8 @@ from .audio import DEFAULT_WINDOWS, HOP_LENGTH, WINDOW_FRAMES
 from .errors import CrnnError, ModelError
 from .features import model_input
 from .teacher import crop_targets
-from .model import CARD_NAME, DEFAULT_ARCHITECTURE, WEIGHTS_NAME, ModelCard, build, import_tensorflow, sha256_of
+from .model import (CARD_NAME, DEFAULT_ARCHITECTURE, WEIGHTS_NAME, ModelCard, build, build_for, import_tensorflow,
+                    require_tensorflow, sha256_of)
 
 DEFAULT_CACHE = Path(".cache") / "mels"
 TEACHER_TARGETS = ("tags", "emb", "both")
@@ -415,8 +416,12 @@ class Trainer:
         return report
 
 
-def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=()) -> ModelCard:
-    """Write weights, then the card naming their sha256 (the card is written last)."""
+def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), log=None) -> ModelCard:
+    """Write weights and their ONNX export, then the card naming both sha256 (the card is written last).
+
+    The export is what a plain install analyses with; if it fails the model still works on the
+    Keras runtime, so that is reported (``log``) rather than raised.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_NAME
@@ -426,6 +431,15 @@ def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=()) -
     sha = sha256_of(weights)
     card = ModelCard(model_id=f"{name}-{sha[:10]}", genres=list(genres), weights=weights, sha256=sha,
                      architecture=dict(arch), extra=extra, tags=list(tags))
+    try:
+        from .export import export_model
+
+        # the served architecture, rebuilt from the saved file: what crnnembed loads, without training-only heads
+        served = build_for(card)
+        served.load_weights(str(weights))
+        card.onnx = export_model(served, card)
+    except (CrnnError, ImportError) as exc:
+        (log or print)(f"ONNX export failed ({exc}); the model runs on the Keras runtime only (crnn-export retries)")
     card.save(out_dir / CARD_NAME)
     return card
 
@@ -516,6 +530,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
     ``args.data``, ``on_epoch``/``callbacks`` for its progress line and time budget, and
     ``card_extra`` for the card's training section; everything else is this same code.
     """
+    require_tensorflow()  # before any decoding: a plain install cannot train
     records = dataset.read_sources(args.data) if records is None else records
     edits = _names(args.augment, augment.MEL_EDITS, what="augmentation")
     versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
@@ -579,7 +594,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
             **(card_extra or {}),
         },
     }
-    card = save_model(full, args.out, trainer.genres, arch, extra, name=args.name, tags=info["tags"])
+    card = save_model(full, args.out, trainer.genres, arch, extra, name=args.name, tags=info["tags"], log=log)
     log(f"wrote {card.weights} and {Path(args.out) / CARD_NAME} (model id {card.model_id})")
     return card
 
