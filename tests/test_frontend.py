@@ -184,3 +184,35 @@ def test_louder_or_quieter_version_gives_the_same_input(tmp_path, kind, level, n
     active = ref > -60.0
     assert np.median(d) < 1.0
     assert np.median(d[active]) < 1.0, f"median |diff| over active cells {np.median(d[active]):.3f} dB"
+
+
+def test_log_mel_equals_librosa_front_end():
+    """The numpy/scipy log-mel is the librosa one it replaced (STFT, Slaney mel filters) to round-off."""
+    librosa = pytest.importorskip("librosa")
+    from beetsplug.crnn.features import log_mels, mel_filters
+
+    basis = librosa.filters.mel(sr=audio.SAMPLE_RATE, n_fft=audio.N_FFT, n_mels=audio.N_MELS, fmax=FMAX)
+    assert np.max(np.abs(mel_filters() - basis)) < 1e-7
+    np.testing.assert_allclose(band_frequencies(), librosa.mel_frequencies(audio.N_MELS + 2, fmin=0.0, fmax=FMAX)[1:-1],
+                               rtol=1e-6)
+    windows = np.stack([audio.fit_window(signal(40.0, kind=k, seed=5)) for k in ("tonal", "beat")]
+                       + [audio.fit_window(1e-3 * signal(3.0, kind="beat", seed=6))])
+    ours = log_mels(windows)
+    for y, mel in zip(windows, ours):
+        stft = librosa.stft(y, n_fft=audio.N_FFT, hop_length=audio.HOP_LENGTH, window="hann", center=False)
+        power = (stft.real**2 + stft.imag**2).astype(np.float32)
+        theirs = 10.0 * np.log10(np.maximum(basis @ power, AMIN))
+        assert mel.shape == theirs.shape
+        assert np.max(np.abs(mel - theirs)) < 2e-3  # dB
+        assert np.max(np.abs(model_input(mel) - model_input(theirs))) < 2e-3
+    # one call for all windows gives what one call per window gives
+    assert np.array_equal(ours[1], log_mel(windows[1]))
+
+
+def test_stereo_mixdown_is_the_mean_of_the_channels():
+    rng = np.random.default_rng(0)
+    for channels in (1, 2, 3):
+        data = rng.normal(size=(1000, channels)).astype(np.float32)
+        np.testing.assert_allclose(audio._mono(data), data.mean(axis=1), atol=1e-6)
+    stereo = rng.normal(size=(1000, 2)).astype(np.float32)
+    assert np.array_equal(audio._mono(stereo), stereo.mean(axis=1))

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import audio
 from .errors import AudioError, CrnnError, display_path
-from .features import log_mel
+from .features import log_mel, log_mels
 from .model import pool_track
 
 # How long closing the pipeline waits for workers that are still decoding (not for stuck ones).
@@ -57,7 +57,7 @@ def track_mels(path, n_windows: int, timeout: float, opened=None) -> tuple[np.nd
     if opened is not None:
         opened(f)
     windows = f.windows(n_windows)
-    return np.stack([log_mel(w) for w in windows]), mtime, f.warning
+    return log_mels(np.stack(windows)), mtime, f.warning  # all windows in one call
 
 
 def decode_step(path, step):
