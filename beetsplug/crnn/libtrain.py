@@ -506,7 +506,7 @@ def decode(records, cache: ExcerptCache, workers=None, timeout=audio.DEFAULT_TIM
         decode_step(task.path, lambda: cache.entry(task.path, timeout=timeout,
                                                    opened=lambda f: setattr(task, "audio", f)))
 
-    log_mel(np.zeros(WINDOW_SAMPLES, np.float32))  # librosa's import and filters: not charged to the first file
+    log_mel(np.zeros(WINDOW_SAMPLES, np.float32))  # the mel filters: not charged to the first file
     pool = _DecodePool(workers, work)
     jobs = iter(enumerate(todo))
     in_flight: deque = deque()

@@ -30,7 +30,7 @@ TEACHER_SR = 16000
 TEACHER_HOP = 256
 TEACHER_N_FFT = 512
 TEACHER_SECONDS = 3.0
-INSTALL_HINT = "pip install tf-keras && pip install --no-deps musicnn (or: pip install 'beets-crnn[teacher]' then pip install --no-deps musicnn)"
+INSTALL_HINT = "pip install 'beets-crnn[teacher]' then pip install --no-deps musicnn"
 
 
 class TeacherError(CrnnError):
@@ -41,7 +41,7 @@ def check_installed() -> None:
     """One clear line when the optional teacher packages are missing."""
     import importlib.util
 
-    missing = [m for m in ("musicnn", "tf_keras") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("musicnn", "tf_keras", "librosa") if importlib.util.find_spec(m) is None]
     if missing:
         raise TeacherError(f"the musicnn teacher needs {' and '.join(missing)}: {INSTALL_HINT}")
 
