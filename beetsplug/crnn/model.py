@@ -60,7 +60,7 @@ def import_tensorflow():
     descriptor 2 is captured while the modules load; every other line is passed on.
     """
     quiet_tensorflow()
-    if "tensorflow" in sys.modules and "keras" in sys.modules:
+    if sys.modules.get("tensorflow") is not None and sys.modules.get("keras") is not None:
         return sys.modules["tensorflow"]
     require_tensorflow()
     try:
