@@ -9,9 +9,11 @@ For each windows-per-track value it measures, in this order (so drift in machine
   same number of threads crnnembed decodes with;
 - floor 2, decode + log-mel (pipeline.track_mels), no model;
 - `beet crnnembed -f -q --windows W` as a fresh process on a temp beets library holding the
-  files (wall, peak RSS): on 1 track (start-up + model load), on a quarter of the tracks and on
-  all of them (peak RSS must stay flat), and the steady rate without the fixed start-up cost;
-- the model alone (Embedder on ready log-mels, windows/s), to show what bounds the rest.
+  files (wall, peak RSS), for each ``--runtime`` (onnx, keras) and ``--precision``: on 1 track
+  (start-up: the time to the first stored track, imports and model load included), on a quarter
+  of the tracks and on all of them (peak RSS must stay flat), and the steady rate without the
+  fixed start-up cost;
+- the model alone (the runtime's embedder on ready log-mels, windows/s), to show what bounds the rest.
 
 Sources: `emotify` = the real one-minute clips in ../shared/data/emotify (mono 22,050 Hz MP3);
 `generated` = 3-minute 44.1 kHz stereo MP3s (a few unique ones, copied to N files, cached in
@@ -160,12 +162,12 @@ def floor_decode_mel(files, windows, workers):
     return wall, cpu, sum(out)
 
 
-def model_only(model_dir, n_windows, batch_size):
-    """Windows/s of the CRNN alone on ready log-mels (first batch, the trace, not counted)."""
+def model_only(model_dir, n_windows, batch_size, runtime="onnx", precision="auto"):
+    """Windows/s and CPU s per window of the CRNN alone on ready log-mels (the first batch not counted)."""
     from beetsplug.crnn.audio import N_MELS, WINDOW_FRAMES
-    from beetsplug.crnn.model import Embedder
+    from beetsplug.crnn.model import ModelCard, embedder_for
 
-    emb = Embedder.load(model_dir, batch_size=batch_size, precision="auto")  # as crnnembed by default
+    emb = embedder_for(ModelCard.load(model_dir), batch_size=batch_size, precision=precision, runtime=runtime)
     x = np.random.default_rng(0).normal(-30, 20, (batch_size, N_MELS, WINDOW_FRAMES)).astype(np.float32)
     emb(x)
     done, c, t = 0, time.process_time(), time.perf_counter()
@@ -213,6 +215,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=0, help="decoding threads for the floors (0 = cores, as crnnembed)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="crnn.batch_size for crnnembed (default: the plugin's default)")
+    p.add_argument("--runtime", default="onnx", help="comma-separated crnn.runtime values to measure (onnx, keras)")
+    p.add_argument("--precision", default="auto",
+                   help="crnn.precision for the keras runtime (auto, float32, bfloat16); onnx is always float32")
     p.add_argument("--quick", action="store_true", help="skip the quarter-size run (RSS flatness)")
     p.add_argument("--skip-model-only", action="store_true")
     args = p.parse_args(argv)
@@ -258,52 +263,64 @@ def main(argv=None):
         for f in files:  # page cache warm for everyone
             Path(f).read_bytes()
         quarter = max(1, n // 4)
-        with quiet_fd2():  # imports (librosa, soxr), mel basis: paid once by crnnembed too, not per track
+        with quiet_fd2():  # imports (scipy.fft, soxr), mel filters: paid once by crnnembed too, not per track
             floor_decode_mel(files[:1], 1, 1)
         per_windows = []
+        runtimes = [x.strip() for x in args.runtime.split(",") if x.strip()]
+        batch_line = f"  batch_size: {args.batch_size}\n" if args.batch_size else ""
         for w in [int(x) for x in args.windows.split(",") if x.strip()]:
-            row = {"windows": w}
+            floor = {"windows": w}
             log(f"windows={w}: floor decode")
             with quiet_fd2():
                 wall, cpu, nwin = floor_decode(files, w, workers)
-            row.update(decode_tps=n / wall, decode_cpu_per_track=cpu / n, windows_per_track=nwin / n)
+            floor.update(decode_tps=n / wall, decode_cpu_per_track=cpu / n, windows_per_track=nwin / n)
             log(f"  {n / wall:.2f} tracks/s ({nwin} windows)")
             log(f"windows={w}: floor decode + log-mel")
             with quiet_fd2():
                 wall, cpu, _ = floor_decode_mel(files, w, workers)
-            row.update(decode_mel_tps=n / wall, decode_mel_cpu_per_track=cpu / n)
+            floor.update(decode_mel_tps=n / wall, decode_mel_cpu_per_track=cpu / n)
             log(f"  {n / wall:.2f} tracks/s")
-            log(f"windows={w}: beet crnnembed on 1 track (start-up + model load)")
-            one, _ = embed_run(beetsdir, w, ["id:1"])
-            row.update(embed1_wall_s=one.wall, embed1_cpu_s=one.cpu, embed1_rss_mib=mib(one.rss))
-            if not args.quick:
-                log(f"windows={w}: beet crnnembed on {quarter} tracks")
-                r, done = embed_run(beetsdir, w, [f"id:1..{quarter}"])
-                assert done == quarter, done
-                row.update(embed_quarter_wall_s=r.wall, embed_quarter_rss_mib=mib(r.rss))
-            log(f"windows={w}: beet crnnembed on {n} tracks")
-            r, done = embed_run(beetsdir, w)
-            assert done == n, done
-            row.update(embed_wall_s=r.wall, embed_rss_mib=mib(r.rss), embed_cpu_s=r.cpu,
-                       embed_tps=n / r.wall,
-                       embed_steady_tps=(n - 1) / max(r.wall - one.wall, 1e-9))
-            row["ratio"] = row["decode_mel_tps"] / row["embed_tps"]
-            row["ratio_steady"] = row["decode_mel_tps"] / row["embed_steady_tps"]
-            # CPU seconds per track do not depend on what else the machine runs; the steady part
-            # leaves out the 1-track run's start-up (imports, model build, tracing).
-            row["embed_cpu_per_track"] = (r.cpu - one.cpu) / max(n - 1, 1)
-            row["ratio_cpu"] = row["embed_cpu_per_track"] / row["decode_mel_cpu_per_track"]
-            log(f"  {row['embed_tps']:.2f} tracks/s ({row['embed_steady_tps']:.2f} steady), "
-                f"peak RSS {row['embed_rss_mib']:.0f} MiB, embed/floor {row['ratio']:.2f}")
-            per_windows.append(row)
+            for runtime in runtimes:
+                precision = "float32" if runtime == "onnx" else args.precision
+                row = dict(floor, runtime=runtime, precision=precision)
+                write_config(beetsdir, model_dir, batch_line + f"  runtime: {runtime}\n  precision: {precision}\n")
+                tag = f"windows={w} {runtime}/{precision}"
+                log(f"{tag}: beet crnnembed on 1 track (start-up: time to the first stored track)")
+                one, _ = embed_run(beetsdir, w, ["id:1"])
+                row.update(embed1_wall_s=one.wall, embed1_cpu_s=one.cpu, embed1_rss_mib=mib(one.rss))
+                log(f"  {one.wall:.2f} s")
+                if not args.quick:
+                    log(f"{tag}: beet crnnembed on {quarter} tracks")
+                    r, done = embed_run(beetsdir, w, [f"id:1..{quarter}"])
+                    assert done == quarter, done
+                    row.update(embed_quarter_wall_s=r.wall, embed_quarter_rss_mib=mib(r.rss))
+                log(f"{tag}: beet crnnembed on {n} tracks")
+                r, done = embed_run(beetsdir, w)
+                assert done == n, done
+                row.update(embed_wall_s=r.wall, embed_rss_mib=mib(r.rss), embed_cpu_s=r.cpu,
+                           embed_tps=n / r.wall,
+                           embed_steady_tps=(n - 1) / max(r.wall - one.wall, 1e-9))
+                row["ratio"] = row["decode_mel_tps"] / row["embed_tps"]
+                row["ratio_steady"] = row["decode_mel_tps"] / row["embed_steady_tps"]
+                # CPU seconds per track do not depend on what else the machine runs; the steady part
+                # leaves out the 1-track run's start-up (imports, model build, tracing).
+                row["embed_cpu_per_track"] = (r.cpu - one.cpu) / max(n - 1, 1)
+                row["ratio_cpu"] = row["embed_cpu_per_track"] / row["decode_mel_cpu_per_track"]
+                log(f"  {row['embed_tps']:.2f} tracks/s ({row['embed_steady_tps']:.2f} steady), "
+                    f"peak RSS {row['embed_rss_mib']:.0f} MiB, embed/floor CPU {row['ratio_cpu']:.2f}")
+                per_windows.append(row)
         if not args.skip_model_only:
-            log("model only (Embedder on ready log-mels)")
             batch = args.batch_size or plugin_default("batch_size", 16)
-            wps, cpu_per_window = model_only(model_dir, max(48, 4 * batch), batch)
-            result.update(model_windows_per_s=wps, model_cpu_per_window=cpu_per_window, model_batch=batch)
-            for row in per_windows:
-                row["model_only_tps"] = wps / row["windows_per_track"]
-                row["model_cpu_per_track"] = cpu_per_window * row["windows_per_track"]
+            result["model_batch"] = batch
+            for runtime in runtimes:
+                precision = "float32" if runtime == "onnx" else args.precision
+                log(f"model only ({runtime}/{precision} on ready log-mels)")
+                wps, cpu_per_window = model_only(model_dir, max(48, 4 * batch), batch, runtime, precision)
+                result.setdefault("model_only", {})[runtime] = {"windows_per_s": wps, "cpu_per_window": cpu_per_window}
+                for row in per_windows:
+                    if row["runtime"] == runtime:
+                        row["model_only_tps"] = wps / row["windows_per_track"]
+                        row["model_cpu_per_track"] = cpu_per_window * row["windows_per_track"]
         result["runs"] = per_windows
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -314,25 +331,26 @@ def main(argv=None):
           f"{cores} cores, nice {result['machine']['nice']}, batch_size {result['batch_size']}")
     print(f"model: {result['model']}")
     print()
-    print("Wall clock, as measured in this run (tracks/s):")
+    print("Wall clock, as measured in this run (tracks/s; start-up = a one-track crnnembed, to its stored track):")
     rows = []
     for r in result["runs"]:
         rss = " / ".join(f"{r[k]:.0f}" for k in ("embed1_rss_mib", "embed_quarter_rss_mib", "embed_rss_mib") if k in r)
-        rows.append([r["windows"], r["decode_tps"], r["decode_mel_tps"], r.get("model_only_tps", float("nan")),
-                     r["embed_tps"], r["embed_steady_tps"], r["ratio"], r["ratio_steady"], r["embed1_wall_s"], rss])
-    print(table(rows, ["windows", "decode", "decode+mel", "model only", "crnnembed", "steady", "embed/floor",
+        rows.append([r["windows"], f"{r['runtime']}/{r['precision']}", r["decode_tps"], r["decode_mel_tps"],
+                     r.get("model_only_tps", float("nan")), r["embed_tps"], r["embed_steady_tps"], r["ratio_steady"],
+                     r["embed1_wall_s"], rss])
+    print(table(rows, ["windows", "runtime", "decode", "decode+mel", "model only", "crnnembed", "steady",
                        "steady/floor", "start-up s", "peak RSS MiB 1 / N/4 / N"]))
     print()
     print(f"CPU seconds per track (independent of other load), and the rate they allow on {cores} free cores:")
     rows = []
     for r in result["runs"]:
-        rows.append([r["windows"], r["decode_cpu_per_track"], r["decode_mel_cpu_per_track"],
-                     r.get("model_cpu_per_track", float("nan")), r["embed_cpu_per_track"], r["ratio_cpu"],
-                     cores / r["decode_mel_cpu_per_track"], cores / r["embed_cpu_per_track"], r["embed1_cpu_s"]])
-    print(table(rows, ["windows", "decode", "decode+mel", "model only", "crnnembed", "embed/floor",
+        rows.append([r["windows"], f"{r['runtime']}/{r['precision']}", r["decode_cpu_per_track"],
+                     r["decode_mel_cpu_per_track"], r.get("model_cpu_per_track", float("nan")),
+                     r["embed_cpu_per_track"], r["ratio_cpu"], cores / r["decode_mel_cpu_per_track"],
+                     cores / r["embed_cpu_per_track"], r["embed1_cpu_s"]])
+    print(table(rows, ["windows", "runtime", "decode", "decode+mel", "model only", "crnnembed", "embed/floor",
                        "floor t/s bound", "crnnembed t/s bound", "start-up CPU s"]))
-    print("floor = decode + log-mel; embed/floor target <= 2; steady = without the 1-track start-up; "
-          "t/s bound = cores / CPU s per track")
+    print("floor = decode + log-mel; steady = without the 1-track start-up; t/s bound = cores / CPU s per track")
     print_json(result)
 
 

@@ -38,7 +38,7 @@ class CrnnPlugin(BeetsPlugin):
                 "model": "",  # folder with crnn.json + weights; empty = the shipped model
                 "windows": 2,  # analysis windows (~32 s each) per track, one centred in each of as many parts
                 "workers": 0,  # decoding threads; 0 = number of cores
-                "batch_size": 4,  # windows per CRNN call (on CPU, 16 costs the same per window but ~0.55 GB more RAM)
+                "batch_size": 4,  # windows per Keras CRNN call (on CPU, 16 costs the same per window but ~0.55 GB more RAM); ONNX runs one
                 "precision": "auto",  # Keras runtime's arithmetic: auto = bfloat16 where the CPU has it natively, else float32
                 "runtime": "auto",  # auto = onnx when the model has a verified ONNX export, else keras
                 "timeout": 120.0,  # seconds one file may take to decode

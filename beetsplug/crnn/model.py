@@ -367,6 +367,8 @@ def _onnx_session(path: Path, threads: int):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.log_severity_level = 3
+            # The memory arena stays on: without it every call maps and faults in fresh buffers
+            # (~40% more CPU per window). One window per call keeps what it holds small.
             try:
                 _SESSIONS[key] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             except Exception as exc:
@@ -384,14 +386,17 @@ class OnnxEmbedder:
 
     onnxruntime releases the GIL while it computes, so the analysis pipeline calls this from its
     decoding threads (``in_workers``); ``threads`` is onnxruntime's own per call (0 = all cores).
+    It runs one window per call: on onnxruntime that costs the same per window as a batch of 4
+    (0.10 CPU s, bench/runtimes.py), and it keeps the buffers that each concurrent call holds
+    (~70 MB per window for conv1's output) small, so crnn.batch_size is for the Keras runtime.
     """
 
     in_workers = True
     precision = "float32"
+    batch_size = 1
 
-    def __init__(self, card: ModelCard, batch_size: int = 8, threads: int = 0):
+    def __init__(self, card: ModelCard, threads: int = 0):
         self.card = card
-        self.batch_size = max(1, int(batch_size))
         path = card.verify_onnx()
         self._session = _onnx_session(path, int(threads))
         names = [o.name for o in self._session.get_outputs()]
@@ -407,8 +412,7 @@ class OnnxEmbedder:
     def analyse(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Log-mels -> (unit embeddings, genre probabilities, tag probabilities or None)."""
         x = model_input(mels)
-        outs = [self._session.run(self._names, {"logmel": x[i : i + self.batch_size]})
-                for i in range(0, len(x), self.batch_size)]
+        outs = [self._session.run(self._names, {"logmel": x[i : i + 1]}) for i in range(len(x))]
         emb = l2_normalise(np.concatenate([o[0] for o in outs]))
         probs = np.concatenate([o[1] for o in outs]).astype(np.float32)
         tags = np.concatenate([o[2] for o in outs]).astype(np.float32) if self.card.tags else None
@@ -434,5 +438,5 @@ def embedder_for(card: ModelCard, batch_size: int = 8, precision: str = "auto", 
     """The embedder a command uses: ONNX when the card has a verified export (see ``resolve_runtime``), else Keras."""
     if resolve_runtime(card, precision, runtime) == "onnx":
         card.verify()
-        return OnnxEmbedder(card, batch_size=batch_size, threads=threads)
+        return OnnxEmbedder(card, threads=threads)
     return Embedder(card, batch_size=batch_size, precision=precision)

@@ -12,6 +12,7 @@ thread is abandoned and replaced, and the command finishes and exits regardless.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -41,6 +42,17 @@ class Result:
     error: str | None = None
     warning: str | None = None  # analysed, but something the user should know (e.g. truncated file)
     tags: np.ndarray | None = None  # mean tag probabilities over the windows, when the model has a tag head
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS uses one thread: the decoding threads already keep every core
+    busy, and OpenBLAS's own threads would only spin beside them (the mel product, run from two
+    decoding threads with BLAS threads on, cost about twice the CPU in bench/embed.py)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def default_workers() -> int:
@@ -212,6 +224,8 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
 
     # Build the mel filters now, so that one-time cost is not charged to the first files' time limit.
     log_mel(np.zeros(audio.WINDOW_SAMPLES, np.float32))
+    blas = one_blas_thread()
+    blas.__enter__()
     pool = _DecodePool(workers, prepare)
     try:
 
@@ -248,3 +262,4 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
         yield from flush()
     finally:
         pool.close()
+        blas.__exit__(None, None, None)
