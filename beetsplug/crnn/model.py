@@ -367,6 +367,9 @@ def _onnx_session(path: Path, threads: int):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.log_severity_level = 3
+            # "extended" fuses Conv+Relu; "all" adds the NCHWc layout change, which made this model
+            # ~15% dearer per window on an AVX-512 CPU (bench/runtimes.py)
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             # The memory arena stays on: without it every call maps and faults in fresh buffers
             # (~40% more CPU per window). One window per call keeps what it holds small.
             try:
