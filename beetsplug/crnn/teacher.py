@@ -6,7 +6,7 @@ crops. musicnn builds a TensorFlow 1 graph and switches eager execution off for 
 process, which Keras 3 cannot run under, so it always runs in a subprocess of its own
 (``python -m beetsplug.crnn.teacher``), with ``TF_USE_LEGACY_KERAS=1`` set before TensorFlow loads.
 
-Install: ``pip install tf-keras`` and ``pip install --no-deps musicnn`` (musicnn 0.1.0
+Install: ``pip install 'beets-crnn[train]' librosa`` and ``pip install --no-deps tf-keras musicnn`` (musicnn 0.1.0
 declares numpy<1.17, which cannot install beside TensorFlow 2.21; its code runs on numpy 2).
 """
 
@@ -30,7 +30,7 @@ TEACHER_SR = 16000
 TEACHER_HOP = 256
 TEACHER_N_FFT = 512
 TEACHER_SECONDS = 3.0
-INSTALL_HINT = "pip install 'beets-crnn[teacher]' then pip install --no-deps musicnn"
+INSTALL_HINT = "pip install 'beets-crnn[train]' librosa && pip install --no-deps tf-keras musicnn"
 
 
 class TeacherError(CrnnError):
