@@ -402,11 +402,16 @@ class OnnxEmbedder:
         self.card = card
         path = card.verify_onnx()
         self._session = _onnx_session(path, int(threads))
-        names = [o.name for o in self._session.get_outputs()]
-        if names[:2] != ["embedding", "genres"] or (card.tags and "tags" not in names):
-            raise ModelError(f"ONNX file {path} has outputs {names}, not what model {card.model_id} needs; "
+        outputs = {o.name: o.shape[-1] for o in self._session.get_outputs()}
+        wanted = {"embedding": card.architecture.get("gru_units"), "genres": len(card.genres)}
+        if card.tags:
+            wanted["tags"] = len(card.tags)
+        wrong = [f"{name} has {outputs.get(name, 'no')} outputs, the card says {n}"
+                 for name, n in wanted.items() if outputs.get(name) != n]
+        if wrong:
+            raise ModelError(f"{path} and its card do not fit the architecture ({'; '.join(wrong)}); "
                              f"run crnn-export {card.weights.parent}")
-        self._names = names
+        self._names = list(wanted)
 
     def __call__(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         emb, probs, _ = self.analyse(mels)

@@ -180,7 +180,8 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
             timeout=audio.DEFAULT_TIMEOUT, batch_windows=16) -> Iterator[Result]:
     """Yield a Result for every (key, path) job, in order; failures carry a one-line reason.
 
-    ``timeout`` (seconds, None or 0 for none) limits how long one file may take to decode.
+    ``timeout`` (seconds, None or 0 for none) limits how long one file may take to decode (and,
+    when the model runs in the decoding threads, to be analysed: a few tenths of a second more).
     """
     workers = workers or default_workers()
     jobs = iter(jobs)
@@ -224,42 +225,40 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
 
     # Build the mel filters now, so that one-time cost is not charged to the first files' time limit.
     log_mel(np.zeros(audio.WINDOW_SAMPLES, np.float32))
-    blas = one_blas_thread()
-    blas.__enter__()
-    pool = _DecodePool(workers, prepare)
-    try:
+    with one_blas_thread():
+        pool = _DecodePool(workers, prepare)
+        try:
 
-        def refill():
-            while len(in_flight) < 2 * workers:
-                job = next(jobs, None)
-                if job is None:
-                    return
-                task = _Task(*job)
-                in_flight.append(task)
-                pool.submit(task)
+            def refill():
+                while len(in_flight) < 2 * workers:
+                    job = next(jobs, None)
+                    if job is None:
+                        return
+                    task = _Task(*job)
+                    in_flight.append(task)
+                    pool.submit(task)
 
-        refill()
-        while in_flight:
-            task = in_flight.popleft()
             refill()
-            if not pool.wait(task, timeout):
-                yield Result(task.key, task.path,
-                             error=f"{display_path(task.path)}: decoding took longer than {timeout:g} s")
-                continue
-            if task.error is not None:
-                if isinstance(task.error, CrnnError):
-                    yield Result(task.key, task.path, error=str(task.error))
+            while in_flight:
+                task = in_flight.popleft()
+                refill()
+                if not pool.wait(task, timeout):
+                    yield Result(task.key, task.path,
+                                 error=f"{display_path(task.path)}: decoding took longer than {timeout:g} s")
                     continue
-                raise task.error  # KeyboardInterrupt/SystemExit/MemoryError in a worker
-            (mels, mtime, warning), outputs = task.value
-            task.value = None
-            if outputs is not None:
-                yield result(task, *outputs, mtime, warning)
-                continue
-            pending.append((task, mels, mtime, warning))
-            if sum(len(m) for _, m, _, _ in pending) >= batch_windows:
-                yield from flush()
-        yield from flush()
-    finally:
-        pool.close()
-        blas.__exit__(None, None, None)
+                if task.error is not None:
+                    if isinstance(task.error, CrnnError):
+                        yield Result(task.key, task.path, error=str(task.error))
+                        continue
+                    raise task.error  # KeyboardInterrupt/SystemExit/MemoryError in a worker
+                (mels, mtime, warning), outputs = task.value
+                task.value = None
+                if outputs is not None:
+                    yield result(task, *outputs, mtime, warning)
+                    continue
+                pending.append((task, mels, mtime, warning))
+                if sum(len(m) for _, m, _, _ in pending) >= batch_windows:
+                    yield from flush()
+            yield from flush()
+        finally:
+            pool.close()
