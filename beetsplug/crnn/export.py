@@ -169,17 +169,23 @@ def export_model(net, card: ModelCard, x: np.ndarray | None = None) -> dict:
                         "atol": ATOL}}
 
 
-def export(model_dir=None, log=print) -> ModelCard:
-    """Export the model in ``model_dir`` (default: the shipped one) and record it in its card."""
-    card = ModelCard.load(model_dir)
-    card.verify()
+def export_card(card: ModelCard) -> dict:
+    """The served model (no training-only heads) rebuilt from the card's weights file, exported beside
+    it; returns the card's ``onnx`` block. What crnnembed loads is what gets exported."""
     import_tensorflow()
     net = build_for(card)
     try:
         net.load_weights(str(card.weights))
     except Exception as exc:
         raise ModelError(f"weights {card.weights} do not fit the architecture in the card: {exc}") from None
-    card.onnx = export_model(net, card)
+    return export_model(net, card)
+
+
+def export(model_dir=None, log=print) -> ModelCard:
+    """Export the model in ``model_dir`` (default: the shipped one) and record it in its card."""
+    card = ModelCard.load(model_dir)
+    card.verify()
+    card.onnx = export_card(card)
     card.save(card.weights.parent / CARD_NAME)
     log(f"wrote {card.weights.parent / ONNX_NAME} (largest difference to Keras {card.onnx['checked']['max_abs_diff']:.1e})")
     return card

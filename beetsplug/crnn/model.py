@@ -344,10 +344,16 @@ class Embedder:
         outs = []
         for i in range(0, len(x), self.batch_size):
             outs.append([o.numpy() for o in self._infer(x[i : i + self.batch_size, :, :, None])])
-        emb = l2_normalise(np.concatenate([o[0] for o in outs]))
-        probs = np.concatenate([o[1] for o in outs]).astype(np.float32)
-        tags = np.concatenate([o[2] for o in outs]).astype(np.float32) if self.card.tags else None
-        return emb, probs, tags
+        return _gather(outs, bool(self.card.tags))
+
+
+def _gather(outs, has_tags: bool):
+    """Per-call model outputs [(embedding, genres[, tags]), ...] -> (unit embeddings, genre probabilities,
+    tag probabilities or None), whichever runtime produced them."""
+    emb = l2_normalise(np.concatenate([o[0] for o in outs]))
+    probs = np.concatenate([o[1] for o in outs]).astype(np.float32)
+    tags = np.concatenate([o[2] for o in outs]).astype(np.float32) if has_tags else None
+    return emb, probs, tags
 
 
 RUNTIMES = ("auto", "onnx", "keras")
@@ -421,10 +427,7 @@ class OnnxEmbedder:
         """Log-mels -> (unit embeddings, genre probabilities, tag probabilities or None)."""
         x = model_input(mels)
         outs = [self._session.run(self._names, {"logmel": x[i : i + 1]}) for i in range(len(x))]
-        emb = l2_normalise(np.concatenate([o[0] for o in outs]))
-        probs = np.concatenate([o[1] for o in outs]).astype(np.float32)
-        tags = np.concatenate([o[2] for o in outs]).astype(np.float32) if self.card.tags else None
-        return emb, probs, tags
+        return _gather(outs, bool(self.card.tags))
 
 
 def resolve_runtime(card: ModelCard, precision: str = "auto", runtime: str = "auto") -> str:

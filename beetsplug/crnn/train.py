@@ -29,7 +29,7 @@ from .audio import DEFAULT_WINDOWS, HOP_LENGTH, WINDOW_FRAMES
 from .errors import CrnnError, ModelError
 from .features import model_input
 from .teacher import crop_targets
-from .model import (CARD_NAME, DEFAULT_ARCHITECTURE, WEIGHTS_NAME, ModelCard, build, build_for, import_tensorflow,
+from .model import (CARD_NAME, DEFAULT_ARCHITECTURE, WEIGHTS_NAME, ModelCard, build, import_tensorflow,
                     require_tensorflow, sha256_of)
 
 DEFAULT_CACHE = Path(".cache") / "mels"
@@ -432,12 +432,9 @@ def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), l
     card = ModelCard(model_id=f"{name}-{sha[:10]}", genres=list(genres), weights=weights, sha256=sha,
                      architecture=dict(arch), extra=extra, tags=list(tags))
     try:
-        from .export import export_model
+        from .export import export_card
 
-        # the served architecture, rebuilt from the saved file: what crnnembed loads, without training-only heads
-        served = build_for(card)
-        served.load_weights(str(weights))
-        card.onnx = export_model(served, card)
+        card.onnx = export_card(card)
     except (CrnnError, ImportError) as exc:
         (log or print)(f"ONNX export failed ({exc}); the model runs on the Keras runtime only (crnn-export retries)")
     card.save(out_dir / CARD_NAME)
