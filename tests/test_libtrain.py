@@ -248,6 +248,90 @@ def test_excerpt_cache_matches_serving_and_caps_its_size(tmp_path):
     assert removed == 1 and not old.exists() and cache.has(short) and left > 1
 
 
+# ---- teacher targets line up with the file, not with a cached span ----
+
+TEACHER_HOP_S = 2.992
+
+
+def time_teacher(monkeypatch, asked):
+    """A fake ``teacher.compute`` whose targets encode time: window w (centred at (w + 0.5) * hop s) says
+    w on every tag and -w on every embedding dimension. Records the paths it is asked for."""
+    from beetsplug.crnn import teacher
+
+    def compute(paths, cache, log=print, runner=None):
+        paths = [str(p) for p in paths]
+        asked.extend(paths)
+        for p in paths:
+            seconds = sf.info(p).duration
+            w = np.arange(int(seconds // TEACHER_HOP_S), dtype=np.float32)[:, None]
+            cache.put(p, np.repeat(w, 50, axis=1), -np.repeat(w, 200, axis=1), TEACHER_HOP_S, seconds)
+        return len(paths)
+
+    monkeypatch.setattr(teacher, "compute", compute)
+    monkeypatch.setattr(teacher, "tag_names", lambda: [f"tag{i}" for i in range(50)])
+
+
+def where_in_file(crop, whole, bands=slice(None)) -> tuple[int, float]:
+    """(start frame, mean abs difference) of the best match of a model-input crop in a whole-file log-mel.
+
+    The file is searched independently of any span bookkeeping: every start, every 50th frame compared.
+    """
+    from beetsplug.crnn.features import FLOOR_DB, SILENCE_DB
+
+    cols = np.arange(0, libtrain.WINDOW_FRAMES, 50)
+    peak = np.maximum(np.lib.stride_tricks.sliding_window_view(whole.max(axis=0), libtrain.WINDOW_FRAMES).max(axis=1),
+                      SILENCE_DB)
+    best = (None, np.inf)
+    for s in range(len(peak)):
+        cand = np.maximum(whole[bands, s + cols] - peak[s], -FLOOR_DB)
+        d = float(np.abs(cand - crop[bands, cols]).mean())
+        if d < best[1]:
+            best = (s, d)
+    return best
+
+
+def test_teacher_targets_follow_a_crop_to_its_place_in_the_file(tmp_path, monkeypatch):
+    """A long track cached as spans: a crop in its second span gets the teacher windows at its true time
+    in the file (found by matching the crop against the whole file's log-mel), for codec versions too."""
+    from beetsplug.crnn import train
+    from beetsplug.crnn.audio import HOP_LENGTH
+
+    long = write_clip(tmp_path / "long.wav", 200.0, kind="beat", seed=3)  # noise bursts: every frame differs
+    short = write_clip(tmp_path / "short.wav", 8.0, kind="tonal", seed=4)
+    recs = [dataset.Record(long, "a", "train", "A", "library"), dataset.Record(short, "b", "train", "B", "library")]
+    cache = libtrain.ExcerptCache(tmp_path / "ex", 2)
+    asked = []
+    time_teacher(monkeypatch, asked)
+    trainer = train.Trainer(recs, cache, log=lambda m: None, teacher="musicnn", teacher_dir=tmp_path / "teacher",
+                            versions=("mp3-64k",), version_dir=tmp_path / "versions")
+    assert sorted(asked) == sorted(map(str, (long, short)))  # whole files, the clean originals
+    parts, starts, _ = cache.entry(long)
+    assert len(parts) == 2 and 0 < starts[0] < starts[1]  # two spans, neither at the start of the file
+    assert trainer.train_starts == [starts, [0]]
+    whole = dataset.MelCache(tmp_path / "whole").get(long)[0]
+    crop_s = libtrain.WINDOW_FRAMES * HOP_LENGTH / SR
+    centres = (np.arange(int(200.0 // TEACHER_HOP_S)) + 0.5) * TEACHER_HOP_S
+
+    def check(version_p, bands):
+        x, targets = trainer.epoch_data(np.random.default_rng(1), 8, 0.0, version_p=version_p)
+        found = []
+        for k in np.flatnonzero(targets["genres"][:, 0] == 1):  # the long track's crops
+            at, d = where_in_file(x[k, ..., 0], whole, bands)
+            assert d < 1.0, (k, at, d)
+            t0 = at * HOP_LENGTH / SR
+            inside = (centres >= t0) & (centres <= t0 + crop_s)
+            np.testing.assert_allclose(targets["tags"][k, :50], np.flatnonzero(inside).mean(), atol=0.02)
+            np.testing.assert_allclose(targets["teacher_emb"][k, :200], -np.flatnonzero(inside).mean(), atol=0.02)
+            found.append(at)
+        assert len(found) >= 4 and any(a >= starts[1] for a in found), found  # crops in the later span too
+
+    check(0.0, slice(None))  # the cached spans themselves
+    # their mp3 versions (64k low-passes: the top bands differ), cached as their own spans; an mp3 decodes to
+    # the same length here, so its spans start where the original's do: this checks the version crops' targets,
+    # not a version whose spans moved
+    check(1.0, slice(0, 64))
+
+
 # ---- new genre output on a model that knows other genres ----
 
 def test_init_from_with_new_head_keeps_every_other_layer(tmp_path, tiny_model):

@@ -152,6 +152,14 @@ class MelCache:
         """The windows crnnembed would analyse for this file: (k, 96, 1366) float32."""
         return serving_windows(*self.get(path), n_windows)
 
+    def part_starts(self, path) -> list[int]:
+        """Where each part ``get`` gives starts in the file, in frames: a whole clip is one part at 0.
+
+        A crop's place in the file is its part's start plus its start in the part; teacher targets
+        are per time in the file, so they need that sum.
+        """
+        return [0]
+
     def fill(self, records, workers=2, progress=None) -> None:
         with ThreadPoolExecutor(workers) as pool:
             for _ in pool.map(lambda r: self.get(r.path), records):

@@ -420,6 +420,14 @@ class ExcerptCache(dataset.MelCache):
         parts, _, n = self.entry(path)
         return (parts[0] if len(parts) == 1 else list(parts)), n
 
+    def part_starts(self, path) -> list[int]:
+        """The start frame in the track of each span ``get`` gives (one span alone may start after 0)."""
+        try:
+            with np.load(self._key(Path(path))) as data:  # only the starts, not the log-mels
+                return [int(s) for s in data["starts"]]
+        except (OSError, ValueError, KeyError):
+            return self.entry(path)[1]
+
     def serving(self, path, n_windows: int) -> np.ndarray:
         """The windows crnnembed would analyse, cut from the cached spans: (k, 96, 1366) float32."""
         parts, starts, n = self.entry(path)

@@ -113,6 +113,7 @@ class Trainer:
                  + (f" + {len(self.unlabelled)} unlabelled" if self.unlabelled else "") + f" in {time.time() - t:.0f} s")
         fit_records = self.train_records + self.unlabelled
         self.train_mels = [self.cache.get(r.path)[0] for r in fit_records]
+        self.train_starts = [self.cache.part_starts(r.path) for r in fit_records]  # teacher targets need file time
         self.train_y = np.array([self.genres.index(r.genre) if r.genre else -1 for r in fit_records])
         self.train_hot = _hot(fit_records, self.genres)  # one-hot, or several 1s for a clip with several genres
         self.train_mask = np.stack([self._mask(r) for r in fit_records])
@@ -123,10 +124,12 @@ class Trainer:
         self.val_mask = np.stack([self._mask(r) for r in self.val_records]) if self.val_records else None
         self.versions = tuple(versions)
         self.train_versions = [[] for _ in fit_records]
+        self.train_version_starts = [[] for _ in fit_records]  # per version, as train_starts per clip
         if self.versions:
             t = time.time()
             made = dataset.prepare_versions(fit_records, self.versions, version_dir, self.cache, workers, log)
             self.train_versions = [[self.cache.get(p)[0] for p in made[r.path].values()] for r in fit_records]
+            self.train_version_starts = [[self.cache.part_starts(p) for p in made[r.path].values()] for r in fit_records]
             self.log(f"{sum(map(len, self.train_versions))} codec versions ready in {time.time() - t:.0f} s")
         self.teacher = None
         self.tag_names, self.teacher_dim = [], 0
@@ -169,15 +172,21 @@ class Trainer:
         picks = self.epoch_picks(rng, crops_per_clip)
         crops, tags, embs = [], [], []
         for i in picks:
-            mel, part = self.train_mels[i], None
+            mel, part = self.train_mels[i], 0
             if isinstance(mel, list):  # a library track cached as a few separate spans: crop inside one of them
                 part = int(rng.integers(len(mel)))
                 mel = mel[part]
+            first = self.train_starts[i][part]  # the part's start frame in the file
             start = dataset.random_start(mel.shape[1], rng)
             if self.train_versions[i] and rng.random() < version_p:
-                mel = self.train_versions[i][int(rng.integers(len(self.train_versions[i])))]
+                which = int(rng.integers(len(self.train_versions[i])))
+                mel = self.train_versions[i][which]
                 if isinstance(mel, list):
-                    mel = mel[min(part or 0, len(mel) - 1)]
+                    part = min(part, len(mel) - 1)
+                    mel = mel[part]
+                else:
+                    part = 0
+                first = self.train_version_starts[i][which][part]  # a version's spans are its own
             start = min(start, max(mel.shape[1] - WINDOW_FRAMES, 0))
             c = mel[:, start : start + WINDOW_FRAMES]
             if augmenter is not None:
@@ -194,7 +203,7 @@ class Trainer:
                     tags.append(np.zeros(len(self.tag_names), np.float32))
                     embs.append(np.zeros(self.teacher_dim + 1, np.float32))
                 else:
-                    t, v = crop_targets(e, start, WINDOW_FRAMES)
+                    t, v = crop_targets(e, first + start, WINDOW_FRAMES)
                     tags.append(t)
                     embs.append(np.concatenate([v, [1.0]]))
         x = np.stack(crops)[..., None]
