@@ -529,3 +529,185 @@ def test_library_options_are_refused_with_data(beets_env, tmp_path):
     assert proc.returncode != 0 and "--field is for a library query" in proc.stderr
     proc = beets_env.run("crnneval", "genre:rock", "--robustness", check=False)
     assert proc.returncode != 0 and "--robustness is for evaluating DATA" in proc.stderr
+
+
+# ---- a teacher on the library ----
+
+def test_plan_with_a_teacher_trains_genre_less_tracks_by_artist():
+    spec = [(f"R{i % 6}", "Rock") for i in range(36)] + [(f"J{i % 6}", "jazz") for i in range(36)]
+    spare = [("R0", None), ("R1", "Polka"), ("J2", None), ("J3", None)] + [(f"Solo {i}", None) for i in range(10)]
+    tracks = _tracks(spec + spare)
+    without = libtrain.plan(tracks, min_tracks=30)
+    p = libtrain.plan(tracks, min_tracks=30, unlabelled=True)
+    assert without.unlabelled == [] and "unlabelled" not in without.summary()
+    assert p.records == without.records  # the labelled split does not move
+    assert len(p.unlabelled) == len(spare) and p.left_out == without.left_out
+    split_of = {r.artist: r.split for r in p.records}
+    for r in p.unlabelled:
+        assert r.genre == "" and r.more == () and r.source == libtrain.UNLABELLED
+        if r.artist in split_of:  # an artist with labelled tracks: the same split
+            assert r.split == split_of[r.artist]
+    solo = {r.artist: r.split for r in p.unlabelled if r.artist.startswith("solo")}
+    assert sorted(solo.values()).count("test") >= 1 and sorted(solo.values()).count("train") >= 1
+    for s in dataset.SPLITS:  # every artist in exactly one split, the genre-less ones recorded too (crnneval)
+        assert set(p.artists[s]) >= set(without.artists[s])
+        assert {a for a, sp in solo.items() if sp == s} <= set(p.artists[s])
+    assert sum(len(a) for a in p.artists.values()) == len({r.artist for r in p.records + p.unlabelled})
+    assert p.summary()["unlabelled"] == {s: sum(r.split == s for r in p.unlabelled) for s in dataset.SPLITS}
+    assert "teacher only (no usable genre):" in libtrain.format_plan(p)
+    assert libtrain.format_plan(without) == libtrain.format_plan(p).rsplit("\n", 1)[0]
+
+
+def teacher_library(root, seconds=3.0):
+    """Two families, three artists each with two tagged tracks and one without a genre, and three artists
+    with only untagged tracks: (tracks, {path: artist})."""
+    tracks = []
+    for gi, kind in enumerate(("drone", "bells")):
+        for a in range(3):
+            for k, genre in enumerate((kind, kind, None)):
+                path = root / f"{kind}-{a}-{k}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(str(path), family_clip(kind, 100 * gi + 10 * a + k, seconds), SR)
+                tracks.append(libtrain.Track(len(tracks), str(path), f"{kind} artist {a}", [genre] if genre else []))
+    for a in range(3):
+        path = write_clip(root / f"solo-{a}.wav", seconds, kind="beat", seed=a)
+        tracks.append(libtrain.Track(len(tracks), str(path), f"solo {a}", []))
+    return tracks
+
+
+TEACHER_SPLIT = ["--min-tracks", "2", "--val-fraction", "0.2", "--test-fraction", "0.3"]
+
+
+def test_library_teacher_trains_on_train_artists_only(tmp_path, monkeypatch):
+    """What `beet crnntrain --teacher` hands the trainer: no test (or val) artist's track among the fit
+    records, genre-less tracks of training artists as unlabelled, held-out genre-less tracks never decoded."""
+    from beetsplug.crnn import teacher, train
+
+    tracks = teacher_library(tmp_path / "music")
+    checks, seen = [], {}
+    monkeypatch.setattr(teacher, "check_installed", lambda: checks.append(1))
+
+    class Stop(Exception):
+        pass
+
+    def run(args, log=print, records=None, cache=None, unlabelled=(), **kwargs):
+        seen.update(records=list(records), unlabelled=list(unlabelled), args=args, cache=cache)
+        raise Stop
+
+    monkeypatch.setattr(train, "run", run)
+    args = libtrain.build_train_parser().parse_args(["--teacher", "musicnn", "--from-scratch", *TEACHER_SPLIT])
+    config = tmp_path / "config"
+    with pytest.raises(Stop):
+        libtrain.train_library(args, tracks, config, log=lambda m: None, say=lambda m: None, workers=1)
+    assert checks == [1]
+    p = libtrain.plan(tracks, min_tracks=2, val_fraction=0.2, test_fraction=0.3, unlabelled=True)
+    held = set(p.artists["test"]) | set(p.artists["val"])
+    assert p.artists["test"] and set(p.artists["train"]) & {"solo 0", "solo 1", "solo 2"}
+    records, unlabelled = seen["records"], seen["unlabelled"]
+    assert records and not any(r.split == "test" for r in records)  # val validates; the Trainer fits on train alone
+    assert not {r.artist for r in records} & set(p.artists["test"])
+    assert {r.path for r in records} == {r.path for r in p.records if r.split != "test"}
+    assert unlabelled and all(r.split == "train" and r.genre == "" and r.artist not in held for r in unlabelled)
+    assert {r.path for r in unlabelled} == {r.path for r in p.unlabelled if r.split == "train"}
+    cache = seen["cache"]
+    for r in p.unlabelled:  # decoded only when it trains
+        assert cache.has(r.path) == (r.split == "train")
+    assert seen["args"].teacher == "musicnn"
+    assert seen["args"].teacher_cache == str(config / libtrain.CACHE_DIR / libtrain.TEACHER_DIR)
+
+    # --unlabelled DIR stays for manifest training: one line saying why
+    args = libtrain.build_train_parser().parse_args(["--teacher", "musicnn", "--unlabelled", str(tmp_path)])
+    with pytest.raises(CrnnError, match=r"^--unlabelled DIR is for training on DATA \(its files have no artist"):
+        libtrain.train_library(args, tracks, config, log=lambda m: None, say=lambda m: None)
+
+
+# The real `beet` CLI in a subprocess, with the fake teacher of test_teacher.py as the teacher's runner (its
+# cache folder is where library training must keep teacher outputs) and the records the Trainer receives
+# written down. argv: fake teacher script, its call log, teacher cache folder, spy file, then beet's arguments.
+TEACHER_CLI = """\
+import json, sys
+from beetsplug.crnn import teacher, train
+
+script, counter, cache_dir, spy = sys.argv[1:5]
+real = teacher.compute
+teacher.compute = lambda paths, cache, log=print, runner=None: real(
+    paths, cache, log=log, runner=[sys.executable, script, counter, cache_dir])
+teacher.check_installed = lambda: None
+teacher.tag_names = lambda: [f"tag{i}" for i in range(50)]
+init = train.Trainer.__init__
+
+
+def spy_init(self, records, *args, unlabelled=(), **kwargs):
+    rows = lambda rs: [[str(r.path), r.split, r.artist, r.genre] for r in rs]
+    with open(spy, "w") as f:
+        json.dump({"records": rows(records), "unlabelled": rows(unlabelled)}, f)
+    init(self, records, *args, unlabelled=unlabelled, **kwargs)
+
+
+train.Trainer.__init__ = spy_init
+from beets.ui import main
+
+main(sys.argv[5:])
+"""
+
+
+@pytest.mark.slow
+def test_crnntrain_with_the_teacher_through_beets(tmp_path, tiny_model):
+    from test_teacher import FAKE_TEACHER, _calls
+
+    from beetsplug.crnn.model import ModelCard
+
+    env = BeetsEnv(tmp_path, tiny_model.weights.parent, extra_config=ALIASES)
+    family_library(env, artists_per_genre=3, tracks_per_artist=2, extras=False)
+    for kind in FAMILIES:
+        for a in range(3):  # a track without a genre by every artist
+            add_track(env, write_clip(env.music / f"{kind}-{a}-untagged.wav", 6.0, kind="tonal", seed=a), f"{kind.title()} Artist {a}")
+    for a in range(3):
+        add_track(env, write_clip(env.music / f"solo-{a}.wav", 6.0, kind="beat", seed=a), f"Solo {a}")
+    (tmp_path / "fake_teacher.py").write_text(FAKE_TEACHER)
+    (tmp_path / "cli.py").write_text(TEACHER_CLI)
+    counter, spy = tmp_path / "calls.txt", tmp_path / "spy.json"
+    tcache = env.root / libtrain.CACHE_DIR / libtrain.TEACHER_DIR
+    proc = subprocess.run([sys.executable, str(tmp_path / "cli.py"), str(tmp_path / "fake_teacher.py"), str(counter),
+                           str(tcache), str(spy), "crnntrain", "--teacher", "musicnn", *TEACHER_SPLIT, "--from-scratch",
+                           *TINY, "--epochs", "1", "--max-steps", "1", "--crops", "1"],
+                          env=env.env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "teacher only (no usable genre):" in proc.stdout
+    folders = model_folders(env)
+    assert len(folders) == 1
+    card = ModelCard.load(folders[0])
+    training = card.extra["training"]
+    assert training["teacher"]["name"] == "musicnn" and training["teacher"]["model"] == "MSD_musicnn"
+    assert training["teacher"]["target"] == "both" and training["loss"]["teacher_emb"] == "teacher_emb_loss"
+    assert len(card.tags) == 50  # the tag head ships
+    arts = training["library"]["split"]["artists"]
+    assert arts["test"] and not set(arts["test"]) & set(arts["train"])
+
+    fed = json.loads(spy.read_text())
+    records, unlabelled = fed["records"], fed["unlabelled"]
+    assert not [r for r in records if r[1] == "test"]  # no test-split track reaches the trainer
+    assert not [r for r in records + unlabelled if r[2] in arts["test"]]
+    assert unlabelled and all(r[1] == "train" and r[2] in arts["train"] and r[3] == "" for r in unlabelled)
+    assert training["clips"]["unlabelled"] == len(unlabelled)
+    assert training["library"]["unlabelled"]["train"] == len(unlabelled)
+    # the teacher was asked once, for the training split alone (labelled and genre-less), never val or test
+    fit = [r[0] for r in records if r[1] == "train"] + [r[0] for r in unlabelled]
+    calls = _calls(counter)
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(fit)
+    assert f"teacher targets for {len(fit)} of {len(fit)} clips" in proc.stderr  # read back from that folder
+    assert len(list(tcache.glob("*.npz"))) == len(fit)
+
+
+def test_crnntrain_teacher_without_the_extra_is_one_line(tmp_path, tiny_model):
+    env = BeetsEnv(tmp_path, tiny_model.weights.parent)
+    for i in range(4):
+        add_track(env, write_clip(env.music / f"t{i}.wav", 1.0, seed=i), f"A{i}", ["rock" if i % 2 else "jazz"])
+    hide = ("import sys; sys.modules['musicnn'] = None; "  # find_spec() then answers None
+            "from beets.ui import main; main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", hide, "crnntrain", "--teacher", "musicnn", "--min-tracks", "1"],
+                          env=env.env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: the musicnn teacher needs musicnn: pip install"), proc.stderr
+    assert not (env.root / libtrain.CACHE_DIR).exists()  # stopped before any decoding

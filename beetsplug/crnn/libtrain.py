@@ -38,10 +38,12 @@ from .errors import AudioError, CrnnError, display_path
 from .features import PARAMS, log_mel
 
 SOURCE = "library"  # the one labelled set a library is: every taxonomy genre is labelled for every track
+UNLABELLED = "unlabelled:library"  # tracks without a usable genre, taught by the teacher alone (train.unlabelled_records)
 # beets' separators for several values in one string field (its multi-value delimiter too)
 SEPARATORS = ("\\␀", "; ", ", ", " / ")
 MODELS_DIR = "crnn_models"
 CACHE_DIR = "crnn_cache"
+TEACHER_DIR = "teacher"  # teacher outputs, beside the log-mels in CACHE_DIR (keyed by file, not by windows)
 MARGIN_S = 5.0  # seconds decoded on each side of an analysis window, so training crops can move
 DEFAULT_CACHE_GB = 5.0
 DEFAULT_MAX_MINUTES = 60.0
@@ -143,16 +145,26 @@ class Plan:
     field: str = "genre"
     query: str = ""
     settings: dict = dc_field(default_factory=dict)
+    unlabelled: list = dc_field(default_factory=list)  # with a teacher: left-out tracks as genre-less records
 
     def summary(self) -> dict:
-        return {"query": self.query, "field": self.field, "genres": self.genres, "tracks_per_genre": self.counts,
-                "tracks": {s: sum(r.split == s for r in self.records) for s in dataset.SPLITS},
-                "left_out": self.left_out, "split": {**self.settings, "artists": self.artists}}
+        out = {"query": self.query, "field": self.field, "genres": self.genres, "tracks_per_genre": self.counts,
+               "tracks": {s: sum(r.split == s for r in self.records) for s in dataset.SPLITS},
+               "left_out": self.left_out, "split": {**self.settings, "artists": self.artists}}
+        if self.unlabelled:
+            out["unlabelled"] = {s: sum(r.split == s for r in self.unlabelled) for s in dataset.SPLITS}
+        return out
 
 
 def plan(tracks, field="genre", aliases=None, genres=None, min_tracks=30, max_genres=20, val_fraction=0.1,
-         test_fraction=0.1, seed=0, query="") -> Plan:
-    """The taxonomy, the labelled records and the artist split of a library's tracks."""
+         test_fraction=0.1, seed=0, query="", unlabelled=False) -> Plan:
+    """The taxonomy, the labelled records and the artist split of a library's tracks.
+
+    With ``unlabelled`` (a teacher), the tracks left out for their genre become genre-less records
+    (``Plan.unlabelled``) in their artist's split, so an artist held out never trains, not even
+    through the teacher; artists with no labelled track are split among themselves the same way.
+    The labelled split is the same with or without them.
+    """
     if not tracks:
         raise CrnnError(f"no tracks match the query {query!r}" if query else "the library has no tracks")
     names = GenreNames(aliases)
@@ -189,14 +201,16 @@ def plan(tracks, field="genre", aliases=None, genres=None, min_tracks=30, max_ge
         for k in keys:
             entry["genres"][label[k]] += 1
 
-    usable = []
+    usable, spare = [], []
     for t, ks in keyed:
         mine = [k for k in ks if k in chosen]
         if not ks:
             leave("without a genre", ())
+            spare.append(t)
         elif not mine:
             reasons = Counter(reason_of(k) for k in ks)
             leave(sorted(reasons, key=lambda r: -reasons[r])[0], ks)
+            spare.append(t)
         else:
             usable.append((t, mine))
     for entry in left_out.values():
@@ -215,13 +229,19 @@ def plan(tracks, field="genre", aliases=None, genres=None, min_tracks=30, max_ge
         records.append(dataset.Record(Path(os.fsdecode(t.path)), label[mine[0]], split_of[a], a, SOURCE,
                                       tuple(label[k] for k in mine[1:])))
         ids.append(t.id)
+    genre_less = []
+    if unlabelled and spare:
+        keys = [artist_key(t.artist) or _no_artist(t) for t in spare]
+        split_of.update(split_artists([(a, "") for a in keys if a not in split_of], val_fraction, test_fraction, seed))
+        genre_less = [dataset.Record(Path(os.fsdecode(t.path)), "", split_of[a], a, UNLABELLED)
+                      for t, a in zip(spare, keys)]
     taxonomy = sorted(label[k] for k in chosen)
     counts = {g: {s: sum(1 for r in records if r.split == s and g in (r.genre, *r.more)) for s in dataset.SPLITS}
               for g in taxonomy}
     artists = {s: sorted({a for a, sp in split_of.items() if sp == s}) for s in dataset.SPLITS}
     settings = {"by": "album artist, else artist", "seed": seed, "val_fraction": val_fraction,
                 "test_fraction": test_fraction, "stratified_by": "each artist's commonest genre"}
-    return Plan(taxonomy, records, ids, counts, left_out, artists, field, query, settings)
+    return Plan(taxonomy, records, ids, counts, left_out, artists, field, query, settings, genre_less)
 
 
 def _no_artist(track) -> str:
@@ -285,7 +305,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"{g:<{w}}  {c['train']:>6} {c['val']:>6} {c['test']:>6}")
     tot = {s: sum(r.split == s for r in p.records) for s in dataset.SPLITS}
     lines.append(f"{'tracks':<{w}}  {tot['train']:>6} {tot['val']:>6} {tot['test']:>6}")
-    arts = {s: len(p.artists[s]) for s in dataset.SPLITS}
+    arts = {s: len({r.artist for r in p.records if r.split == s}) for s in dataset.SPLITS}
     lines.append(f"{'artists':<{w}}  {arts['train']:>6} {arts['val']:>6} {arts['test']:>6}")
     multi = sum(bool(r.more) for r in p.records)
     if multi:
@@ -299,6 +319,10 @@ def format_plan(p: Plan) -> str:
         lines.append("left out: " + "; ".join(parts))
     else:
         lines.append("left out: none")
+    if p.unlabelled:
+        n = {s: sum(r.split == s for r in p.unlabelled) for s in dataset.SPLITS}
+        lines.append(f"teacher only (no usable genre): {n['train']} left-out track(s) by training artists train "
+                     f"unlabelled; {n['val'] + n['test']} by val/test artists stay out")
     return "\n".join(lines)
 
 
@@ -583,10 +607,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     train.add_options(p)
     add_library_options(p)
     # Library defaults: a model folder and a cache under the beets config directory, an hour's budget.
-    p.set_defaults(out=None, cache=None, version_cache=None, max_minutes=DEFAULT_MAX_MINUTES, name="crnn-library",
-                   windows=None)
+    p.set_defaults(out=None, cache=None, version_cache=None, teacher_cache=None, max_minutes=DEFAULT_MAX_MINUTES,
+                   name="crnn-library", windows=None)
     library_defaults = {"out": f"{MODELS_DIR}/<model id> in the beets config directory",
                         "cache": f"{CACHE_DIR}/mels in the beets config directory",
+                        "teacher_cache": f"{CACHE_DIR}/{TEACHER_DIR} in the beets config directory",
                         "max_minutes": f"{DEFAULT_MAX_MINUTES:g}", "windows": "crnn.windows", "name": "crnn-library"}
     for action in p._actions:
         if action.dest in library_defaults:
@@ -660,8 +685,9 @@ def check_args(args) -> None:
         v = getattr(args, name)
         if not 0 <= v < 0.5:
             raise CrnnError(f"--{name.replace('_', '-')} must be from 0 to 0.5")
-    if args.teacher or args.unlabelled:
-        raise CrnnError("--teacher and --unlabelled are not available when training on the library yet")
+    if args.unlabelled:  # a folder's files have no artist: the split could not keep held-out artists out
+        raise CrnnError("--unlabelled DIR is for training on DATA (its files have no artist to split by); on a "
+                        "library, --teacher trains the matching tracks without a usable genre, split by artist")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise CrnnError("--max-minutes must be above 0")
 
@@ -716,7 +742,7 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
     args.windows = args.windows or windows
     genres = [g.strip() for g in args.genres.split(",") if g.strip()] if args.genres else None
     p = plan(tracks, args.field, aliases, genres, args.min_tracks, args.max_genres, args.val_fraction,
-             args.test_fraction, args.seed, query)
+             args.test_fraction, args.seed, query, unlabelled=bool(args.teacher))
     say(f"{len(p.records)} of {len(tracks)} tracks, {len(p.genres)} genres from {args.field!r}, split by artist "
         f"(seed {args.seed}):")
     say(format_plan(p))
@@ -734,6 +760,10 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
         say(f"fine-tuning {start.model_id}: its layers, a new output for these {len(p.genres)} genres")
     else:
         say("training from scratch")
+    if args.teacher:  # a missing extra stops the run before any decoding, in one line
+        from .teacher import check_installed
+
+        check_installed()
     if args.dry_run:
         return {"plan": p}
     cache_dir, models_dir = library_paths(config_dir, args)
@@ -741,11 +771,13 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
     cache = ExcerptCache(cache_dir, args.windows, max_bytes=max_bytes)
 
     # Decode once, on crnnembed's decoder; a file that fails is one line and is left out.
+    # Genre-less tracks by val/test artists are never decoded: nothing of theirs trains.
+    wanted = p.records + [r for r in p.unlabelled if r.split == "train"]
     failed = []
-    bar = progress(len(p.records)) if progress is not None else None
+    bar = progress(len(wanted)) if progress is not None else None
     t = time.time()
     try:
-        ok = decode(p.records, cache, workers, timeout, progress=(lambda: bar.update(1)) if bar else None,
+        ok = decode(wanted, cache, workers, timeout, progress=(lambda: bar.update(1)) if bar else None,
                     on_error=lambda m: (failed.append(m), (warn or log)(f"{m} (left out)")))
     except KeyboardInterrupt:
         raise CrnnError("interrupted while decoding: what was decoded is cached, run the command again") from None
@@ -760,6 +792,7 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
         log(f"log-mel cache: this run's tracks alone take {left / 1e9:.1f} GB, over --cache-max-gb")
     kept = {id(r) for r in ok}
     records = [r for r in p.records if id(r) in kept]
+    unlabelled = [r for r in wanted[len(p.records):] if id(r) in kept]
     trained = {r.genre for r in records if r.split == "train"} | {g for r in records if r.split == "train" for g in r.more}
     if len(trained) < 2:
         raise CrnnError("fewer than two genres have training tracks that decode")
@@ -779,12 +812,16 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
         tmp = models_dir / f".training-{os.getpid()}"
         args.out = str(tmp)
     args.version_cache = args.version_cache or str(cache_dir / "versions")
+    args.teacher_cache = args.teacher_cache or str(Path(config_dir) / CACHE_DIR / TEACHER_DIR)
     callbacks = [time_budget(args.max_minutes)] if args.max_minutes else []
     summary = p.summary()
     summary["decode_failed"] = len(failed)
     summary["tracks"] = {s: sum(r.split == s for r in records) for s in dataset.SPLITS}
+    if "unlabelled" in summary:
+        summary["unlabelled"]["train"] = len(unlabelled)  # those that decode
     try:
         card = train.run(args, log=log, records=[r for r in records if r.split != "test"], cache=cache,
+                         unlabelled=unlabelled,
                          on_epoch=lambda row: say(epoch_line(row, args.epochs, args.max_minutes)),
                          callbacks=callbacks, card_extra={"library": summary})
         if tmp is None:

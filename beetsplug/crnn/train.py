@@ -529,12 +529,14 @@ def unlabelled_records(folder) -> list:
     return [dataset.Record(f, "", "train", "", "unlabelled:" + folder.name) for f in files]
 
 
-def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), card_extra=None) -> ModelCard:
+def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), card_extra=None,
+        unlabelled=()) -> ModelCard:
     """Train as ``args`` say and write the model to ``args.out``.
 
-    A library (``libtrain``) passes its own ``records`` and excerpt ``cache`` instead of
-    ``args.data``, ``on_epoch``/``callbacks`` for its progress line and time budget, and
-    ``card_extra`` for the card's training section; everything else is this same code.
+    A library (``libtrain``) passes its own ``records``, genre-less ``unlabelled`` records (beside
+    any ``--unlabelled`` folders) and excerpt ``cache`` instead of ``args.data``, ``on_epoch``/
+    ``callbacks`` for its progress line and time budget, and ``card_extra`` for the card's
+    training section; everything else is this same code.
     """
     require_tensorflow()  # before any decoding: a plain install cannot train
     records = dataset.read_sources(args.data) if records is None else records
@@ -546,7 +548,9 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
         from .teacher import check_installed
 
         check_installed()
-    unlabelled = [r for folder in args.unlabelled for r in unlabelled_records(folder)]
+    if unlabelled and not args.teacher:
+        raise CrnnError("unlabelled records need --teacher: without labels, only a teacher can say what the audio is")
+    unlabelled = [r for folder in args.unlabelled for r in unlabelled_records(folder)] + list(unlabelled)
     trainer = Trainer(records, args.cache if cache is None else cache, n_windows=args.windows, log=log, versions=versions,
                       version_dir=args.version_cache, teacher=args.teacher, teacher_dir=args.teacher_cache,
                       unlabelled=unlabelled)
