@@ -358,6 +358,23 @@ def test_init_from_with_new_head_keeps_every_other_layer(tmp_path, tiny_model):
     assert arch["conv_filters"] == list(tiny_model.architecture["conv_filters"])
 
 
+def test_time_budget_starts_at_the_first_batch():
+    """The budget is for training: time spent before the first batch (the teacher, codec versions) is not
+    charged, or every epoch would stop after one batch."""
+
+    class Model:
+        stop_training = False
+
+    budget = libtrain.time_budget(0.5 / 60)  # half a second
+    budget.set_model(Model())
+    time.sleep(0.6)  # the Trainer's preparation
+    budget.on_train_batch_end(0)
+    assert not budget.model.stop_training
+    time.sleep(0.6)
+    budget.on_train_batch_end(1)
+    assert budget.model.stop_training
+
+
 # ---- through beets' CLI ----
 
 def test_dry_run_prints_taxonomy_with_aliases_and_multi_genre(lib_env):

@@ -693,18 +693,26 @@ def check_args(args) -> None:
 
 
 def time_budget(minutes):
-    """A Keras callback that ends an epoch early once ``minutes`` have passed since it was made: the
-    epoch is then validated as it stands, and ``fit``'s own time check ends training."""
+    """A Keras callback that ends an epoch early once ``minutes`` have passed since the first training
+    batch: the epoch is then validated as it stands, and ``fit``'s own time check ends training.
+
+    The clock starts at the first batch, as ``fit``'s does, not when the callback is made: what the
+    Trainer does first (codec versions, the teacher over every training file) can take long, and a
+    deadline already past would cut every epoch to one batch.
+    """
     from .model import import_tensorflow
 
     import_tensorflow()
     import keras
 
     class TimeBudget(keras.callbacks.Callback):
-        deadline = time.time() + minutes * 60
+        deadline = None
 
         def on_train_batch_end(self, batch, logs=None):
-            if time.time() > self.deadline:
+            now = time.time()
+            if self.deadline is None:  # the same callback serves every epoch's Keras fit
+                self.deadline = now + minutes * 60
+            if now > self.deadline:
                 self.model.stop_training = True
 
     return TimeBudget()
