@@ -248,6 +248,26 @@ def test_distillation_learns_the_teacher(tmp_path, monkeypatch):
     assert len(full.outputs) == 3 and full.outputs[2].shape[-1] == 50  # the tag head ships; the projection does not
 
 
+@pytest.mark.parametrize("target, head", [("tags", "tags_loss"), ("emb", "teacher_emb_loss")])
+def test_one_teacher_target_trains(tmp_path, monkeypatch, target, head):
+    """--teacher-target tags or emb: only that teacher loss is fitted (both used to be fed to one head)."""
+    data = _tiny_dataset(tmp_path / "data")
+    records = dataset.read_sources([data])
+    tcache = teacher.TeacherCache(tmp_path / "teacher")
+    for r in records:
+        if r.split == "train":
+            tcache.put(r.path, *_fake_targets("beat" if r.genre == "busy" else "tonal"), 2.992, 3.0)
+    monkeypatch.setattr(teacher, "compute", lambda paths, cache, log=print, runner=None: 0)
+    monkeypatch.setattr(teacher, "tag_names", lambda: [f"tag{i}" for i in range(50)])
+    trainer = train.Trainer(records, tmp_path / "mels", log=lambda m: None, teacher="musicnn", teacher_dir=tcache.folder)
+    full, _, info = trainer.fit(epochs=2, patience=10, crops_per_clip=2, batch_size=4, lr=3e-3, seed=0,
+                                architecture={"conv_filters": [4, 4, 4, 4], "gru_units": 4, "dropout": 0.0},
+                                teacher_target=target)
+    other = {"tags_loss", "teacher_emb_loss"} - {head}
+    assert head in info["history"][0] and not other & set(info["history"][0])
+    assert len(full.outputs) == (3 if target == "tags" else 2)  # the tag head ships only when it was trained
+
+
 # ---- the real teacher (optional) ----
 
 @pytest.mark.slow

@@ -346,6 +346,7 @@ class Trainer:
         try:
             for epoch in range(1, epochs + 1):
                 x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p)
+                y = {k: v for k, v in y.items() if k in outputs}  # --teacher-target tags/emb: one teacher output
                 if max_steps is not None:
                     x, y = x[: max_steps * batch_size], {k: v[: max_steps * batch_size] for k, v in y.items()}
                 h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0, callbacks=list(callbacks))
