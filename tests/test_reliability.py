@@ -241,6 +241,49 @@ def test_ffmpeg_decoder_is_killed_at_the_time_limit(tmp_path):
         f.windows(1)
 
 
+def test_decode_all_is_the_one_pool_loop_for_embedding_and_library_training(tmp_path):
+    """pipeline.decode_all: results in job order, one line per failure (ours, or over the time limit),
+    numpy's BLAS on one thread inside the workers, and libtrain.decode runs on it too."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from beetsplug.crnn import libtrain, pipeline
+    from beetsplug.crnn.errors import AudioError
+
+    blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    release = threading.Event()
+    seen = []
+
+    def work(task):
+        seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+        if task.key == 1:
+            raise AudioError(f"{task.path}: not audio")
+        if task.key == 2:
+            release.wait(5)  # runs over the limit
+        return task.key * 10
+
+    jobs = [(k, tmp_path / f"{k}.wav") for k in range(4)]
+    out = [(t.key, t.value, err) for t, err in pipeline.decode_all(jobs, work, workers=2, timeout=0.5)]
+    release.set()
+    assert [k for k, _, _ in out] == [0, 1, 2, 3]
+    assert out[0][1:] == (0, None) and out[3][1:] == (30, None)
+    assert out[1][2].endswith("1.wav: not audio")
+    assert out[2][2].endswith("2.wav: decoding took longer than 0.5 s")
+    assert all(n == 1 for row in seen for n in row)
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas  # restored after
+
+    good = write(tmp_path / "good.wav", 3.0)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all")
+    records = [libtrain.dataset.Record(good, "rock", "train", "a", "lib"),
+               libtrain.dataset.Record(bad, "rock", "train", "b", "lib")]
+    errors = []
+    ready = libtrain.decode(records, libtrain.ExcerptCache(tmp_path / "cache"), workers=2, on_error=errors.append)
+    assert [r.path for r in ready] == [good]
+    assert len(errors) == 1 and "bad.wav" in errors[0]
+
+
 def _rss_of_beet(env, *args) -> tuple[int, subprocess.CompletedProcess]:
     """Peak resident memory (bytes) of one `beet` run, measured on that process alone."""
     probe = (

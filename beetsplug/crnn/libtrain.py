@@ -19,13 +19,14 @@ No beets import here: the plugin glue (``__init__``) reads the items and passes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -521,9 +522,8 @@ def decode(records, cache: ExcerptCache, workers=None, timeout=audio.DEFAULT_TIM
     Returns the records whose audio is ready; each file that fails is reported once through
     ``on_error(message)`` and left out. ``progress()`` is called once per record.
     """
-    from .pipeline import _DecodePool, _Task, decode_step, default_workers
+    from .pipeline import decode_all, decode_step
 
-    workers = workers or default_workers()
     ready, todo = [], []
     for r in records:
         (ready if cache.has(r.path) else todo).append(r)
@@ -538,40 +538,14 @@ def decode(records, cache: ExcerptCache, workers=None, timeout=audio.DEFAULT_TIM
         decode_step(task.path, lambda: cache.entry(task.path, timeout=timeout,
                                                    opened=lambda f: setattr(task, "audio", f)))
 
-    log_mel(np.zeros(WINDOW_SAMPLES, np.float32))  # the mel filters: not charged to the first file
-    pool = _DecodePool(workers, work)
-    jobs = iter(enumerate(todo))
-    in_flight: deque = deque()
-    try:
-        def refill():
-            while len(in_flight) < 2 * workers:
-                job = next(jobs, None)
-                if job is None:
-                    return
-                task = _Task(job[0], job[1].path)
-                in_flight.append(task)
-                pool.submit(task)
-
-        refill()
-        while in_flight:
-            task = in_flight.popleft()
-            refill()
-            if not pool.wait(task, timeout):
-                message = f"{display_path(task.path)}: decoding took longer than {timeout:g} s"
-            elif task.error is not None:
-                if not isinstance(task.error, CrnnError):
-                    raise task.error  # KeyboardInterrupt/SystemExit/MemoryError in a worker
-                message = str(task.error)
-            else:
-                message = None
-            if message is not None:
+    with contextlib.closing(decode_all(((k, r.path) for k, r in enumerate(todo)), work, workers, timeout)) as decoded:
+        for task, error in decoded:
+            if error is not None:
                 failed.add(task.key)
                 if on_error is not None:
-                    on_error(message)
+                    on_error(error)
             if progress is not None:
                 progress()
-    finally:
-        pool.close()
     bad = {id(todo[k]) for k in failed}
     return [r for r in records if id(r) not in bad]
 

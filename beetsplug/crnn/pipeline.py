@@ -48,10 +48,8 @@ def one_blas_thread():
     """A context in which numpy's BLAS uses one thread: the decoding threads already keep every core
     busy, and OpenBLAS's own threads would only spin beside them (the mel product, run from two
     decoding threads with BLAS threads on, cost about twice the CPU in bench/embed.py)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(1, user_api="blas")
 
 
@@ -176,6 +174,49 @@ class _DecodePool:
                 t.join(max(0.0, deadline - time.monotonic()))
 
 
+def decode_all(jobs: Iterable[tuple[Any, Any]], work, workers=None, timeout=audio.DEFAULT_TIMEOUT
+               ) -> Iterator[tuple[_Task, str | None]]:
+    """Run ``work(task)`` for every (key, path) job on the decoder pool; yield (task, None) with
+    ``task.value`` set, or (task, one-line reason) for a file that failed or ran over ``timeout``, in order.
+
+    The one loop behind crnnembed (``analyse``) and library training (``libtrain.decode``): at most
+    2 x ``workers`` files in flight, numpy's BLAS on one thread, the mel filters built before the
+    first file's clock starts. ``work`` should set ``task.audio`` to its AudioFile so a file over its
+    time limit can be aborted. Errors that are not ours (Ctrl-C, MemoryError in a worker) are raised.
+    """
+    workers = workers or default_workers()
+    jobs = iter(jobs)
+    in_flight: deque = deque()
+    log_mel(np.zeros(audio.WINDOW_SAMPLES, np.float32))  # not charged to the first files' time limit
+    with one_blas_thread():
+        pool = _DecodePool(workers, work)
+        try:
+
+            def refill():
+                while len(in_flight) < 2 * workers:
+                    job = next(jobs, None)
+                    if job is None:
+                        return
+                    task = _Task(*job)
+                    in_flight.append(task)
+                    pool.submit(task)
+
+            refill()
+            while in_flight:
+                task = in_flight.popleft()
+                refill()
+                if not pool.wait(task, timeout):
+                    yield task, f"{display_path(task.path)}: decoding took longer than {timeout:g} s"
+                elif task.error is not None:
+                    if not isinstance(task.error, CrnnError):
+                        raise task.error  # KeyboardInterrupt/SystemExit/MemoryError in a worker
+                    yield task, str(task.error)
+                else:
+                    yield task, None
+        finally:
+            pool.close()
+
+
 def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_WINDOWS, workers=None,
             timeout=audio.DEFAULT_TIMEOUT, batch_windows=16) -> Iterator[Result]:
     """Yield a Result for every (key, path) job, in order; failures carry a one-line reason.
@@ -183,9 +224,6 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
     ``timeout`` (seconds, None or 0 for none) limits how long one file may take to decode (and,
     when the model runs in the decoding threads, to be analysed: a few tenths of a second more).
     """
-    workers = workers or default_workers()
-    jobs = iter(jobs)
-    in_flight: deque = deque()
     pending: list = []  # (task, mels, mtime, warning) waiting for the next batch
 
     # An embedder that releases the GIL (onnxruntime) runs in the decoding threads, one track a call:
@@ -223,42 +261,18 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
         pending.clear()
         return out
 
-    # Build the mel filters now, so that one-time cost is not charged to the first files' time limit.
-    log_mel(np.zeros(audio.WINDOW_SAMPLES, np.float32))
-    with one_blas_thread():
-        pool = _DecodePool(workers, prepare)
-        try:
-
-            def refill():
-                while len(in_flight) < 2 * workers:
-                    job = next(jobs, None)
-                    if job is None:
-                        return
-                    task = _Task(*job)
-                    in_flight.append(task)
-                    pool.submit(task)
-
-            refill()
-            while in_flight:
-                task = in_flight.popleft()
-                refill()
-                if not pool.wait(task, timeout):
-                    yield Result(task.key, task.path,
-                                 error=f"{display_path(task.path)}: decoding took longer than {timeout:g} s")
-                    continue
-                if task.error is not None:
-                    if isinstance(task.error, CrnnError):
-                        yield Result(task.key, task.path, error=str(task.error))
-                        continue
-                    raise task.error  # KeyboardInterrupt/SystemExit/MemoryError in a worker
-                (mels, mtime, warning), outputs = task.value
-                task.value = None
-                if outputs is not None:
-                    yield result(task, *outputs, mtime, warning)
-                    continue
-                pending.append((task, mels, mtime, warning))
-                if sum(len(m) for _, m, _, _ in pending) >= batch_windows:
-                    yield from flush()
-            yield from flush()
-        finally:
-            pool.close()
+    # closing(): a consumer that stops early (Ctrl-C, an error) stops the pool now, not at garbage collection.
+    with one_blas_thread(), contextlib.closing(decode_all(jobs, prepare, workers, timeout)) as decoded:
+        for task, error in decoded:
+            if error is not None:
+                yield Result(task.key, task.path, error=error)
+                continue
+            (mels, mtime, warning), outputs = task.value
+            task.value = None
+            if outputs is not None:
+                yield result(task, *outputs, mtime, warning)
+                continue
+            pending.append((task, mels, mtime, warning))
+            if sum(len(m) for _, m, _, _ in pending) >= batch_windows:
+                yield from flush()
+        yield from flush()
