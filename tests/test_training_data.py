@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from audiogen import write
+from audiogen import has_ffmpeg, write
 from beetsplug.crnn import dataset, train
 from beetsplug.crnn.errors import CrnnError
 
@@ -60,6 +60,24 @@ def test_teacher_emb_loss_is_one_minus_cosine_and_masked():
     has = np.array([[1], [1], [0]], np.float32)
     got = ops.convert_to_numpy(train.teacher_emb_loss(np.concatenate([t, has], axis=1), p))
     np.testing.assert_allclose(got, [0.0, 1.0, 0.0], atol=1e-6)
+
+
+def test_pair_loss_by_hand():
+    """NT-Xent: each row's partner (2j <-> 2j + 1) against every other row of the batch, at temperature 0.1."""
+    from keras import ops
+
+    z = np.array([[1, 0], [0.8, 0.6], [0, 1], [0.6, 0.8]], np.float32)  # unit rows
+    partner = [1, 0, 3, 2]
+    want = []
+    for i in range(4):
+        others = [j for j in range(4) if j != i]
+        logits = np.array([z[i] @ z[j] / train.PAIR_TEMPERATURE for j in others])
+        want.append(-(logits[others.index(partner[i])] - np.log(np.exp(logits).sum())))
+    got = ops.convert_to_numpy(train.pair_loss(np.zeros((4, 1), np.float32), 3 * z))  # the length does not count
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # Partners that are each other's nearest row cost less than partners that are not.
+    swapped = z[[0, 2, 1, 3]]
+    assert float(np.mean(got)) < float(np.mean(ops.convert_to_numpy(train.pair_loss(np.zeros((4, 1)), swapped))))
 
 
 # ---- several labelled sets ----
@@ -217,3 +235,36 @@ def test_shared_sources_keep_test_out_of_training(shared_data, tmp_path):
     for r, mask in zip(trainer.train_records, trainer.train_mask):
         assert [g for g, m in zip(trainer.genres, mask) if m] == trainer.label_sets[r.source]
         assert set(trainer.label_sets[r.source]) <= set(sets[r.source])
+
+
+def test_pairs_are_two_views_of_one_place_and_training_pulls_them_together(two_sets, tmp_path):
+    """--pairs: rows 2j and 2j + 1 come from one clip at one offset (the clip as it is, then one of its
+    codec versions), with the same targets; mixup keeps them together; a short run lowers the pair loss."""
+    if not has_ffmpeg():
+        pytest.skip("ffmpeg is needed for codec versions")
+    records = dataset.read_sources(two_sets)
+    try:
+        trainer = train.Trainer(records, tmp_path / "mels", log=lambda m: None, versions=("mp3-64k",),
+                                version_dir=tmp_path / "versions")
+    except CrnnError as exc:
+        pytest.skip(f"no codec versions here: {exc}")
+    if not any(trainer.train_versions):
+        pytest.skip("ffmpeg could not make codec versions")
+    rng = np.random.default_rng(0)
+    x, targets = trainer.epoch_data(rng, 2, mixup=0.0, pairs=True)
+    n = 2 * len(trainer.epoch_picks(np.random.default_rng(0), 1))  # crops_per_clip counts both views
+    assert len(x) == n and targets["pair"].shape == (n, 1)
+    g = targets["genres"]
+    np.testing.assert_array_equal(g[0::2], g[1::2])  # both views of a pair: one clip
+    assert not np.array_equal(x[0::2], x[1::2])  # ... heard two ways (clean, then mp3 at -6 dB)
+    x2, t2 = trainer.epoch_data(np.random.default_rng(1), 2, mixup=0.4, pairs=True)
+    np.testing.assert_allclose(t2["genres"][0::2], t2["genres"][1::2])  # mixed with the same partner, same amount
+
+    with pytest.raises(CrnnError, match="even --batch-size"):
+        trainer.fit(epochs=1, batch_size=3, pair_weight=1.0,
+                    architecture={"conv_filters": [4, 4, 4, 4], "gru_units": 4, "dropout": 0.0})
+    _, _, info = trainer.fit(epochs=6, patience=10, crops_per_clip=4, batch_size=4, lr=3e-3, seed=0, pair_weight=1.0,
+                             architecture={"conv_filters": [4, 4, 4, 4], "gru_units": 4, "dropout": 0.0},
+                             version_p=0.5)
+    hist = [h["pair_loss"] for h in info["history"]]
+    assert hist[-1] < hist[0], hist

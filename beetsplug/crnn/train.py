@@ -71,6 +71,27 @@ def teacher_emb_loss(y_true, y_pred):
     return has * (1.0 - ops.sum(t * p, axis=-1))
 
 
+PAIR_TEMPERATURE = 0.1
+
+
+def pair_loss(y_true, y_pred):
+    """Keras loss on the embedding: rows 2j and 2j + 1 are two views of one place in one clip (a codec
+    version, other edits); each row's partner must be its nearest row in the batch by cosine.
+
+    The contrastive loss of SimCLR (NT-Xent, temperature ``PAIR_TEMPERATURE``): cross-entropy of the
+    partner among all other rows of the batch. It asks for what the robustness report measures,
+    versions of a clip nearer to each other than to any other clip. ``y_true`` is unused.
+    """
+    from keras import ops
+
+    z = y_pred / ops.maximum(ops.norm(y_pred, axis=-1, keepdims=True), 1e-6)
+    n = ops.shape(z)[0]
+    logits = ops.matmul(z, ops.transpose(z)) / PAIR_TEMPERATURE - 1e9 * ops.eye(n)  # never itself
+    idx = ops.arange(n)
+    partner = idx + 1 - 2 * (idx % 2)
+    return -ops.sum(ops.one_hot(partner, n) * ops.log_softmax(logits, axis=-1), axis=-1)
+
+
 def _masked_argmax(p: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Top genre among those the clip's source labels (a GTZAN clip cannot be 'right' as electronic)."""
     return np.where(mask > 0, p, -1.0).argmax(1)
@@ -163,22 +184,37 @@ class Trainer:
             picks.append(np.repeat(unlabelled, crops_per_clip))
         return rng.permutation(np.concatenate(picks))
 
-    def epoch_data(self, rng, crops_per_clip, mixup, masking=False, shift=0, augmenter=None, version_p=0.0):
+    def epoch_data(self, rng, crops_per_clip, mixup, masking=False, shift=0, augmenter=None, version_p=0.0, pairs=False):
         """Model inputs and targets for one epoch: random crops of clips or of their codec versions,
         log-mel edits, band shifts, masking, mixup (within one source, so masks stay meaningful).
 
+        With ``pairs`` the crops come as two views of one place in one clip, side by side (rows 2j
+        and 2j + 1): the clip as it is or as a codec version, then the other of the two where the clip
+        has versions, each with its own edits; ``crops_per_clip`` counts both views, so an epoch costs
+        the same. ``pair_loss`` pulls the two together and pushes the rest of the batch away.
+
         Returns (x, targets) where targets maps output name -> packed target array.
         """
-        picks = self.epoch_picks(rng, crops_per_clip)
+        picks = self.epoch_picks(rng, max(1, crops_per_clip // 2) if pairs else crops_per_clip)
+        if pairs:
+            picks = np.repeat(picks, 2)
         crops, tags, embs = [], [], []
-        for i in picks:
+        view = None  # with pairs: (part, start, from a version) of the pair's first view
+        for k, i in enumerate(picks):
+            second = pairs and k % 2 == 1
             mel, part = self.train_mels[i], 0
-            if isinstance(mel, list):  # a library track cached as a few separate spans: crop inside one of them
+            if second:
+                part = view[0]
+                mel = mel[part] if isinstance(mel, list) else mel
+            elif isinstance(mel, list):  # a library track cached as a few separate spans: crop inside one of them
                 part = int(rng.integers(len(mel)))
                 mel = mel[part]
             first = self.train_starts[i][part]  # the part's start frame in the file
-            start = dataset.random_start(mel.shape[1], rng)
-            if self.train_versions[i] and rng.random() < version_p:
+            start = view[1] if second else dataset.random_start(mel.shape[1], rng)
+            use_version = (not view[2]) if second else rng.random() < version_p
+            if pairs and not second:
+                view = (part, start, use_version)
+            if self.train_versions[i] and use_version:
                 which = int(rng.integers(len(self.train_versions[i])))
                 mel = self.train_versions[i][which]
                 if isinstance(mel, list):
@@ -217,9 +253,13 @@ class Trainer:
             lam = np.maximum(lam, 1 - lam)  # the first clip dominates, so its crop stays the 'real' one
             other = np.arange(len(x))
             sources = self.train_source[picks]
-            for src in np.unique(sources):
-                idx = np.flatnonzero(sources == src)
+            step = 2 if pairs else 1  # a pair's two views mix with the same partner pair, by the same amount
+            for src in np.unique(sources[::step]):
+                idx = np.flatnonzero(sources[::step] == src) * step
                 other[idx] = idx[rng.permutation(len(idx))]
+            if pairs:
+                lam[1::2] = lam[0::2]
+                other[1::2] = other[0::2] + 1
             x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[other]
             y = lam[:, None] * y + (1 - lam[:, None]) * y[other]
             mask = mask * mask[other]
@@ -229,6 +269,8 @@ class Trainer:
                 v = np.concatenate([lam[:, None] * v[:, :-1] + (1 - lam[:, None]) * v[other, :-1], both], axis=1)
                 has = both
         targets = {"genres": np.concatenate([y, mask], axis=1).astype(np.float32)}
+        if pairs:
+            targets["pair"] = np.zeros((len(x), 1), np.float32)  # the pairing is the rows' order
         if t is not None:
             targets["tags"] = np.concatenate([t, np.repeat(has, t.shape[1], axis=1)], axis=1).astype(np.float32)
             targets["teacher_emb"] = v.astype(np.float32)
@@ -273,7 +315,7 @@ class Trainer:
     def fit(self, epochs=40, patience=8, crops_per_clip=2, batch_size=16, mixup=0.0, lr=1e-3, seed=0,
             architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False,
             shift=0, average=1, weight_decay=0.0, augmenter=None, version_p=0.0, teacher_target="both",
-            teacher_weight=1.0, new_head=False, on_epoch=None, callbacks=()):
+            teacher_weight=1.0, new_head=False, on_epoch=None, callbacks=(), pair_weight=0.0):
         """Train; returns (the Keras model with the best epoch's weights, architecture, info).
 
         ``init_from`` starts from a model's weights; with ``new_head`` that model may know other
@@ -328,6 +370,13 @@ class Trainer:
             outputs["teacher_emb"] = keras.layers.Dense(self.teacher_dim, name="teacher_emb")(full.outputs[0])
             losses["teacher_emb"] = teacher_emb_loss
             weights["teacher_emb"] = teacher_weight
+        pairs = pair_weight > 0
+        if pairs:
+            if batch_size % 2:
+                raise CrnnError("--pairs needs an even --batch-size: a batch holds whole pairs")
+            outputs["pair"] = full.outputs[0]
+            losses["pair"] = pair_loss
+            weights["pair"] = pair_weight
         net = keras.Model(full.input, outputs)
         # weight_decay is Keras' decoupled decay (AdamW's: each step scales weights by 1 - lr * decay);
         # None keeps plain Adam, as in the paper. Batch-norm scales and biases are not decayed.
@@ -345,11 +394,13 @@ class Trainer:
         stopped = "epochs"
         try:
             for epoch in range(1, epochs + 1):
-                x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p)
+                x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p, pairs)
                 y = {k: v for k, v in y.items() if k in outputs}  # --teacher-target tags/emb: one teacher output
                 if max_steps is not None:
                     x, y = x[: max_steps * batch_size], {k: v[: max_steps * batch_size] for k, v in y.items()}
-                h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0, callbacks=list(callbacks))
+                # epoch_data has shuffled the clips; with pairs, Keras must not split them up again
+                h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=not pairs, verbose=0,
+                            callbacks=list(callbacks))
                 row = {"epoch": epoch, "loss": float(h.history["loss"][-1]),
                        "lr": float(net.optimizer.learning_rate.numpy())}
                 for name in outputs:
@@ -489,6 +540,9 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--teacher-cache", default=str(Path(".cache") / "teacher"), help="folder for teacher outputs")
     p.add_argument("--unlabelled", action="append", default=[],
                    help="a folder of audio without genres that the teacher alone teaches (needs --teacher; repeatable)")
+    p.add_argument("--pairs", type=float, default=0.0, metavar="WEIGHT",
+                   help="train on pairs of views of one place in a clip (clean / codec version) with a contrastive "
+                        "loss of this weight on the embedding, so versions of a clip land nearest each other (0 = off)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="decoupled weight decay as in AdamW, scaled by the learning rate (0 = plain Adam)")
@@ -543,6 +597,8 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
     records = dataset.read_sources(args.data) if records is None else records
     edits = _names(args.augment, augment.MEL_EDITS, what="augmentation")
     versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
+    if getattr(args, "pairs", 0.0) < 0:
+        raise CrnnError("--pairs is a loss weight: 0 (off) or more")
     if args.unlabelled and not args.teacher:
         raise CrnnError("--unlabelled needs --teacher: without labels, only a teacher can say what the audio is")
     if args.teacher:
@@ -571,7 +627,8 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
                                    weight_decay=args.weight_decay, augmenter=augmenter,
                                    version_p=args.version_p if versions else 0.0,
                                    teacher_target=args.teacher_target, teacher_weight=args.teacher_weight,
-                                   new_head=getattr(args, "new_head", False), on_epoch=on_epoch, callbacks=callbacks)
+                                   new_head=getattr(args, "new_head", False), on_epoch=on_epoch, callbacks=callbacks,
+                                   pair_weight=getattr(args, "pairs", 0.0))
     count = lambda recs: {g: sum(g in (r.genre, *r.more) for r in recs) for g in trainer.genres}  # noqa: E731
     extra = {
         "training": {
@@ -595,6 +652,9 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
             "teacher": ({"name": args.teacher, "model": "MSD_musicnn", "target": args.teacher_target,
                          "weight": args.teacher_weight, "on": "clean audio, per 3 s window, mean over each crop",
                          "unlabelled": [str(u) for u in args.unlabelled]} if args.teacher else None),
+            "pairs": ({"weight": args.pairs, "loss": "pair_loss (NT-Xent)", "temperature": PAIR_TEMPERATURE,
+                       "views": "one place in a clip: as it is and as a codec version, each with its own edits"}
+                      if getattr(args, "pairs", 0.0) else None),
             "seed": args.seed,
             "batchnorm_recalibrated": not args.no_recalibrate, "init_from": args.init_from,
             **({"new_head": True} if getattr(args, "new_head", False) else {}),
