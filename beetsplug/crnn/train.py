@@ -599,14 +599,12 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
     versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
     if getattr(args, "pairs", 0.0) < 0:
         raise CrnnError("--pairs is a loss weight: 0 (off) or more")
-    if args.unlabelled and not args.teacher:
+    if (args.unlabelled or unlabelled) and not args.teacher:  # folders, or a library's genre-less tracks
         raise CrnnError("--unlabelled needs --teacher: without labels, only a teacher can say what the audio is")
     if args.teacher:
         from .teacher import check_installed
 
         check_installed()
-    if unlabelled and not args.teacher:
-        raise CrnnError("unlabelled records need --teacher: without labels, only a teacher can say what the audio is")
     unlabelled = [r for folder in args.unlabelled for r in unlabelled_records(folder)] + list(unlabelled)
     trainer = Trainer(records, args.cache if cache is None else cache, n_windows=args.windows, log=log, versions=versions,
                       version_dir=args.version_cache, teacher=args.teacher, teacher_dir=args.teacher_cache,
