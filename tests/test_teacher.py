@@ -34,6 +34,9 @@ FAKE_TEACHER = textwrap.dedent(
         if os.path.basename(p).startswith("bad"):
             print(f"error {p}: teacher could not analyse it: boom", flush=True)
             continue
+        if os.path.basename(p).startswith("slow"):  # hangs until it is stopped, after saying so
+            open(p + ".started", "w").close()
+            import time; time.sleep(120)
         cache.put(p, rng.random((3, 50)), rng.standard_normal((3, 200)), 2.992, 9.0)
         print("ok " + p, flush=True)
     if os.environ.get("FAKE_TEACHER_EXIT"):
@@ -286,3 +289,30 @@ def test_real_musicnn_teacher(tmp_path):
     assert e["hop"] == pytest.approx(2.992) and e["seconds"] == pytest.approx(5.0, abs=0.01)
     assert len(teacher.tag_names()) == 50
     assert teacher.compute([clip], cache, log=lines.append) == 0
+
+
+def test_ctrl_c_stops_the_teacher_and_keeps_what_it_finished(tmp_path, fake):
+    """Ctrl-C while the teacher runs: one line saying what is kept, no traceback, no teacher left running."""
+    import signal
+    import threading
+    import time
+
+    cache, runner, counter, _ = fake
+    done, slow = write(tmp_path / "done.wav", 0.2), write(tmp_path / "slow.wav", 0.2)
+    started = tmp_path / "slow.wav.started"
+
+    def ctrl_c():
+        for _ in range(600):
+            if started.exists():
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    t = time.time()
+    with pytest.raises(teacher.TeacherError, match=r"^interrupted while computing teacher targets: 1 of 2 files "
+                       r"are done and cached; run the command again for the rest$"):
+        teacher.compute([done, slow], cache, runner=runner())
+    assert time.time() - t < 60  # the teacher was stopped, not waited for
+    assert cache.has(done) and not cache.has(slow)
+    assert not list(cache.folder.glob("*.tmp.npz"))

@@ -96,7 +96,14 @@ def compute(paths, cache: TeacherCache, log=print, runner=None) -> int:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out, err = proc.communicate(json.dumps(todo))
+    try:
+        out, err = proc.communicate(json.dumps(todo))
+    except KeyboardInterrupt:  # Ctrl-C: the teacher stops too; each file it finished is already cached
+        proc.kill()
+        proc.wait()
+        kept = sum(cache.key(p).is_file() for p in todo if Path(p).exists())
+        raise TeacherError(f"interrupted while computing teacher targets: {kept} of {len(todo)} files are done "
+                           "and cached; run the command again for the rest") from None
     done = 0
     for line in out.splitlines():
         if line.startswith("ok "):
