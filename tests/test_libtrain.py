@@ -707,6 +707,7 @@ def test_crnntrain_with_the_teacher_through_beets(tmp_path, tiny_model):
     assert not [r for r in records + unlabelled if r[2] in arts["test"]]
     assert unlabelled and all(r[1] == "train" and r[2] in arts["train"] and r[3] == "" for r in unlabelled)
     assert training["clips"]["unlabelled"] == len(unlabelled)
+    assert training["teacher"]["unlabelled"] == {"folders": [], "clips": len(unlabelled)}  # a library has no folders
     assert training["library"]["unlabelled"]["train"] == len(unlabelled)
     # the teacher was asked once, for the training split alone (labelled and genre-less), never val or test
     fit = [r[0] for r in records if r[1] == "train"] + [r[0] for r in unlabelled]

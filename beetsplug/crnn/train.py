@@ -649,7 +649,9 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
                              "version_p": args.version_p if versions else 0.0},
             "teacher": ({"name": args.teacher, "model": "MSD_musicnn", "target": args.teacher_target,
                          "weight": args.teacher_weight, "on": "clean audio, per 3 s window, mean over each crop",
-                         "unlabelled": [str(u) for u in args.unlabelled]} if args.teacher else None),
+                         # audio only the teacher speaks for: --unlabelled folders and/or a library's genre-less tracks
+                         "unlabelled": {"folders": [str(u) for u in args.unlabelled],
+                                        "clips": len(trainer.unlabelled)}} if args.teacher else None),
             "pairs": ({"weight": args.pairs, "loss": "pair_loss (NT-Xent)", "temperature": PAIR_TEMPERATURE,
                        "views": "one place in a clip: as it is and as a codec version, each with its own edits"}
                       if getattr(args, "pairs", 0.0) else None),
