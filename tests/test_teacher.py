@@ -308,11 +308,16 @@ def test_ctrl_c_stops_the_teacher_and_keeps_what_it_finished(tmp_path, fake):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=ctrl_c, daemon=True).start()
-    t = time.time()
-    with pytest.raises(teacher.TeacherError, match=r"^interrupted while computing teacher targets: 1 of 2 files "
-                       r"are done and cached; run the command again for the rest$"):
-        teacher.compute([done, slow], cache, runner=runner())
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C at a terminal raises KeyboardInterrupt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=ctrl_c, daemon=True).start()
+        t = time.time()
+        with pytest.raises(teacher.TeacherError, match=r"^interrupted while computing teacher targets: 1 of 2 "
+                           r"files are done and cached; run the command again for the rest$"):
+            teacher.compute([done, slow], cache, runner=runner())
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.time() - t < 60  # the teacher was stopped, not waited for
     assert cache.has(done) and not cache.has(slow)
     assert not list(cache.folder.glob("*.tmp.npz"))
