@@ -101,7 +101,7 @@ def compute(paths, cache: TeacherCache, log=print, runner=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the teacher stops too; each file it finished is already cached
         proc.kill()
         proc.wait()
-        kept = sum(cache.key(p).is_file() for p in todo if Path(p).exists())
+        kept = sum(cache.has(p) for p in todo if Path(p).exists())
         raise TeacherError(f"interrupted while computing teacher targets: {kept} of {len(todo)} files are done "
                            "and cached; run the command again for the rest") from None
     done = 0

@@ -597,7 +597,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
     records = dataset.read_sources(args.data) if records is None else records
     edits = _names(args.augment, augment.MEL_EDITS, what="augmentation")
     versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
-    if getattr(args, "pairs", 0.0) < 0:
+    if args.pairs < 0:
         raise CrnnError("--pairs is a loss weight: 0 (off) or more")
     if (args.unlabelled or unlabelled) and not args.teacher:  # folders, or a library's genre-less tracks
         raise CrnnError("--unlabelled needs --teacher: without labels, only a teacher can say what the audio is")
@@ -626,7 +626,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
                                    version_p=args.version_p if versions else 0.0,
                                    teacher_target=args.teacher_target, teacher_weight=args.teacher_weight,
                                    new_head=getattr(args, "new_head", False), on_epoch=on_epoch, callbacks=callbacks,
-                                   pair_weight=getattr(args, "pairs", 0.0))
+                                   pair_weight=args.pairs)
     count = lambda recs: {g: sum(g in (r.genre, *r.more) for r in recs) for g in trainer.genres}  # noqa: E731
     extra = {
         "training": {
@@ -654,7 +654,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
                                         "clips": len(trainer.unlabelled)}} if args.teacher else None),
             "pairs": ({"weight": args.pairs, "loss": "pair_loss (NT-Xent)", "temperature": PAIR_TEMPERATURE,
                        "views": "one place in a clip: as it is and as a codec version, each with its own edits"}
-                      if getattr(args, "pairs", 0.0) else None),
+                      if args.pairs else None),
             "seed": args.seed,
             "batchnorm_recalibrated": not args.no_recalibrate, "init_from": args.init_from,
             **({"new_head": True} if getattr(args, "new_head", False) else {}),
