@@ -89,7 +89,7 @@ def test_compute_runs_once_and_reuses_the_cache(tmp_path, fake):
 
 def test_compute_reports_bad_files_and_a_failed_teacher(tmp_path, fake, monkeypatch):
     cache, runner, counter, _ = fake
-    good, bad = write(tmp_path / "good.wav", 0.2), write(tmp_path / "bad.wav", 0.2)
+    good, bad = write(tmp_path / "good.wav", 0.2), write(tmp_path / "bad.wav", 0.2, seed=1)
     lines = []
     assert teacher.compute([good, bad], cache, log=lines.append, runner=runner()) == 1
     assert f"{bad}: teacher could not analyse it: boom" in lines
@@ -298,7 +298,7 @@ def test_ctrl_c_stops_the_teacher_and_keeps_what_it_finished(tmp_path, fake):
     import time
 
     cache, runner, counter, _ = fake
-    done, slow = write(tmp_path / "done.wav", 0.2), write(tmp_path / "slow.wav", 0.2)
+    done, slow = write(tmp_path / "done.wav", 0.2), write(tmp_path / "slow.wav", 0.2, seed=1)
     started = tmp_path / "slow.wav.started"
 
     def ctrl_c():

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrnnError
+from .fileid import content_id
 
 # name -> (file extension, ffmpeg output arguments). What a library holds beside the clip:
 # lossless at another rate and level, common lossy codecs and rates, a low-passed copy.
@@ -45,10 +46,9 @@ def ffmpeg_path() -> str:
 
 
 def version_path(source: Path, name: str, folder: Path) -> Path:
-    """Where the cached version ``name`` of ``source`` lives: keyed by the source's identity and the
+    """Where the cached version ``name`` of ``source`` lives: keyed by the source's content and the
     version's ffmpeg arguments, so a changed recipe is encoded again rather than reused."""
-    st = source.stat()
-    key = hashlib.sha1(f"{source.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    key = content_id(source)[:16]
     ext, args = CODEC_VERSIONS[name]
     recipe = hashlib.sha1(" ".join(args).encode()).hexdigest()[:8]
     return Path(folder) / key / f"{name}-{recipe}{ext}"

@@ -22,6 +22,7 @@ from . import audio
 from .audio import HOP_LENGTH, WINDOW_FRAMES, WINDOW_SAMPLES
 from .errors import CrnnError
 from .features import PARAMS, log_mel
+from .fileid import content_id
 
 SPLITS = ("train", "val", "test")
 AUDIO_EXTS = {".mp3", ".flac", ".ogg", ".oga", ".opus", ".wav", ".aif", ".aiff", ".m4a", ".aac", ".wma"}
@@ -119,15 +120,14 @@ def genres_of(records) -> list[str]:
 
 
 class MelCache:
-    """Whole-clip log-mels on disk as float16, keyed by file identity and preprocessing."""
+    """Whole-clip log-mels on disk as float16, keyed by file content and preprocessing."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _key(self, path: Path) -> Path:
-        st = path.stat()
-        ident = json.dumps([str(path.resolve()), st.st_size, int(st.st_mtime), PARAMS], sort_keys=True)
+        ident = json.dumps([content_id(path), PARAMS], sort_keys=True)
         return self.folder / (hashlib.sha1(ident.encode()).hexdigest() + ".npz")
 
     def get(self, path) -> tuple[np.ndarray, int]:

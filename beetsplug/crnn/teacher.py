@@ -23,6 +23,7 @@ import numpy as np
 
 from .audio import HOP_LENGTH, SAMPLE_RATE
 from .errors import CrnnError
+from .fileid import content_id
 
 TEACHERS = ("musicnn",)
 TEACHER_MODEL = "MSD_musicnn"
@@ -54,9 +55,7 @@ class TeacherCache:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def key(self, path) -> Path:
-        path = Path(path)
-        st = path.stat()
-        ident = json.dumps([str(path.resolve()), st.st_size, int(st.st_mtime), TEACHER_MODEL, "float32-mel"])
+        ident = json.dumps([content_id(path), TEACHER_MODEL, "float32-mel"])
         return self.folder / (hashlib.sha1(ident.encode()).hexdigest() + ".npz")
 
     def has(self, path) -> bool:
