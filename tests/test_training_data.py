@@ -197,6 +197,26 @@ def test_cli_rejects_bad_choices_in_one_line(two_sets, tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_annealed_lr_is_constant_then_falls_along_a_cosine_to_a_tenth():
+    assert train.annealed_lr(1e-3, 0.5, 0.0) == 1e-3  # off
+    assert train.annealed_lr(1e-3, 0.6, 1 / 3) == 1e-3  # before the last third
+    assert train.annealed_lr(1e-3, 1 - 1 / 6, 1 / 3) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way down
+    assert train.annealed_lr(1e-3, 1.0, 1 / 3) == pytest.approx(1e-4)
+    assert train.annealed_lr(1e-3, 1.3, 1 / 3) == pytest.approx(1e-4)  # an epoch that starts past the budget
+    rates = [train.annealed_lr(1.0, d, 0.5) for d in np.linspace(0, 1, 21)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_fit_anneals_and_records_it(two_sets, tmp_path):
+    trainer = train.Trainer(dataset.read_sources(two_sets), tmp_path / "mels", log=lambda m: None)
+    _, _, info = trainer.fit(epochs=4, patience=10, batch_size=4, lr=1e-3, anneal=0.5,
+                             architecture={"conv_filters": [4, 4, 4, 4], "gru_units": 4, "dropout": 0.0})
+    # epochs start at 0, 1/4, 1/2 and 3/4 of the budget: the last two lie in the annealed half
+    assert [round(h["lr"], 7) for h in info["history"]] == [1e-3, 1e-3, 1e-3, round(1e-3 * (0.1 + 0.45), 7)]
+    assert info["optimizer"]["anneal"] == 0.5
+    assert train.main([str(two_sets[0]), "--out", str(tmp_path / "m"), "--anneal", "1.5"]) == 1
+
+
 # ---- the real shared data ----
 
 def test_shared_sources_keep_test_out_of_training(shared_data, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import time
@@ -315,7 +316,7 @@ class Trainer:
     def fit(self, epochs=40, patience=8, crops_per_clip=2, batch_size=16, mixup=0.0, lr=1e-3, seed=0,
             architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False,
             shift=0, average=1, weight_decay=0.0, augmenter=None, version_p=0.0, teacher_target="both",
-            teacher_weight=1.0, new_head=False, on_epoch=None, callbacks=(), pair_weight=0.0):
+            teacher_weight=1.0, new_head=False, on_epoch=None, callbacks=(), pair_weight=0.0, anneal=0.0):
         """Train; returns (the Keras model with the best epoch's weights, architecture, info).
 
         ``init_from`` starts from a model's weights; with ``new_head`` that model may know other
@@ -323,6 +324,8 @@ class Trainer:
         genre output starts afresh for this data's genres. ``on_epoch(row)`` replaces the JSON log
         line per epoch; ``callbacks`` are Keras callbacks for each epoch's ``fit``. Ctrl-C ends
         training like the time limit does: the best epoch so far is returned (``info["stopped"]``).
+        ``anneal`` is the last fraction of the budget (``max_minutes``, else ``epochs``) in which the
+        learning rate falls to a tenth (see ``annealed_lr``).
         """
         import_tensorflow()
         import keras
@@ -381,7 +384,8 @@ class Trainer:
         # weight_decay is Keras' decoupled decay (AdamW's: each step scales weights by 1 - lr * decay);
         # None keeps plain Adam, as in the paper. Batch-norm scales and biases are not decayed.
         optimizer = {"name": "adam", "lr": lr, "beta_1": 0.9, "beta_2": 0.999,
-                     **({"weight_decay": weight_decay} if weight_decay else {})}
+                     **({"weight_decay": weight_decay} if weight_decay else {}),
+                     **({"anneal": anneal} if anneal else {})}
         adam = keras.optimizers.Adam(lr, beta_1=optimizer["beta_1"], beta_2=optimizer["beta_2"],
                                      weight_decay=weight_decay or None)
         if weight_decay:
@@ -392,8 +396,11 @@ class Trainer:
         history, stale, start = [], 0, time.time()
         val_onehot = self.val_hot  # one-hot, or several 1s for a clip with several genres
         stopped = "epochs"
+        scale = 1.0  # halved on each plateau
         try:
             for epoch in range(1, epochs + 1):
+                done = (time.time() - start) / 60 / max_minutes if max_minutes else (epoch - 1) / epochs
+                net.optimizer.learning_rate.assign(annealed_lr(lr * scale, done, anneal))
                 x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p, pairs)
                 y = {k: v for k, v in y.items() if k in outputs}  # --teacher-target tags/emb: one teacher output
                 if max_steps is not None:
@@ -432,7 +439,7 @@ class Trainer:
                 else:
                     stale += 1
                     if stale % 3 == 0:  # plateau: halve the learning rate
-                        net.optimizer.learning_rate.assign(row["lr"] / 2)
+                        scale /= 2
                     if stale >= patience:
                         self.log(f"early stop: no val improvement for {patience} epochs")
                         stopped = "early stop"
@@ -475,6 +482,19 @@ class Trainer:
         if not report["used"]:
             net.set_weights(kept[0][2])
         return report
+
+
+def annealed_lr(lr: float, done: float, anneal: float, floor: float = 0.1) -> float:
+    """The learning rate for an epoch that starts when ``done`` (0-1) of the budget is spent.
+
+    Constant until the last ``anneal`` of the budget, then down a half cosine to ``floor * lr``.
+    The shipped model stopped at its time limit while still improving at a constant rate; the
+    same minutes end in a settled model when the rate comes down before the limit instead.
+    """
+    if anneal <= 0 or done <= 1 - anneal:
+        return lr
+    t = min((done - (1 - anneal)) / anneal, 1.0)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), log=None) -> ModelCard:
@@ -544,6 +564,9 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="train on pairs of views of one place in a clip (clean / codec version) with a contrastive "
                         "loss of this weight on the embedding, so versions of a clip land nearest each other (0 = off)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--anneal", type=float, default=0.0, metavar="FRACTION",
+                   help="in the last FRACTION of --max-minutes (else of --epochs) the learning rate falls along a "
+                        "cosine to a tenth (0 = off: constant, halved on plateaus)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="decoupled weight decay as in AdamW, scaled by the learning rate (0 = plain Adam)")
     p.add_argument("--seed", type=int, default=0)
@@ -599,6 +622,8 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
     versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
     if args.pairs < 0:
         raise CrnnError("--pairs is a loss weight: 0 (off) or more")
+    if not 0 <= args.anneal <= 1:
+        raise CrnnError("--anneal is a fraction of the training budget: 0 (off) to 1")
     if (args.unlabelled or unlabelled) and not args.teacher:  # folders, or a library's genre-less tracks
         raise CrnnError("--unlabelled needs --teacher: without labels, only a teacher can say what the audio is")
     if args.teacher:
@@ -626,7 +651,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
                                    version_p=args.version_p if versions else 0.0,
                                    teacher_target=args.teacher_target, teacher_weight=args.teacher_weight,
                                    new_head=getattr(args, "new_head", False), on_epoch=on_epoch, callbacks=callbacks,
-                                   pair_weight=args.pairs)
+                                   pair_weight=args.pairs, anneal=args.anneal)
     count = lambda recs: {g: sum(g in (r.genre, *r.more) for r in recs) for g in trainer.genres}  # noqa: E731
     extra = {
         "training": {
