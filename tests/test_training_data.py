@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import zlib
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from audiogen import has_ffmpeg, signal, write
-from beetsplug.crnn import audio, dataset, train
+from beetsplug.crnn import audio, dataset, model, train
 from beetsplug.crnn.errors import CrnnError
 
 # ---- the masked genre loss ----
@@ -84,7 +85,7 @@ def test_pair_loss_by_hand():
 
 # ---- several labelled sets ----
 
-def _labelled_set(root, genres, with_audio=True):
+def _labelled_set(root, genres, with_audio=True, seconds=1.0):
     """A set with, per genre, two train clips, one val clip and one test clip."""
     rows = ["path,genre,artist,split"]
     for gi, g in enumerate(genres):
@@ -92,7 +93,7 @@ def _labelled_set(root, genres, with_audio=True):
             rel = f"{g}/{root.name}-{g}{i}.wav"
             if with_audio:
                 # A little noise of its own makes every clip's bytes unique: caches follow content.
-                y = signal(1.0, kind="beat" if gi % 2 else "tonal", seed=10 * gi + i)
+                y = signal(seconds, kind="beat" if gi % 2 else "tonal", seed=10 * gi + i)
                 y += 1e-3 * np.random.default_rng(zlib.crc32(rel.encode())).standard_normal(len(y)).astype(np.float32)
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 sf.write(str(root / rel), y, audio.SAMPLE_RATE)
@@ -215,6 +216,48 @@ def test_fit_anneals_and_records_it(two_sets, tmp_path):
     assert [round(h["lr"], 7) for h in info["history"]] == [1e-3, 1e-3, 1e-3, round(1e-3 * (0.1 + 0.45), 7)]
     assert info["optimizer"]["anneal"] == 0.5
     assert train.main([str(two_sets[0]), "--out", str(tmp_path / "m"), "--anneal", "1.5"]) == 1
+
+
+def test_short_crops_cut_short_clips_short_and_train_on_batches_of_one_length(tmp_path):
+    """--short-crops: a clip that fits in FRAMES frames gives crops of FRAMES frames of its loop, any other
+    clip whole windows; mixup pairs crops of one length; batches hold one length and keep pairs together;
+    the model trains on both and is saved as the whole-window model crnnembed serves."""
+    a = _labelled_set(tmp_path / "setA", ["rock", "pop"], seconds=1.0)  # 43 frames: fits in 96
+    b = _labelled_set(tmp_path / "setB", ["jazz", "rock"], seconds=4.0)  # 170 frames: does not
+    trainer = train.Trainer(dataset.read_sources([a, b]), tmp_path / "mels", log=lambda m: None)
+    every = np.arange(len(trainer.train_samples))
+    lengths = trainer.crop_lengths(every, 96)
+    assert set(lengths[trainer.train_source == "setA"]) == {96}
+    assert set(lengths[trainer.train_source == "setB"]) == {audio.WINDOW_FRAMES}
+    assert set(trainer.crop_lengths(every)) == {audio.WINDOW_FRAMES}  # off: every crop a window
+
+    x, targets = trainer.epoch_data(np.random.default_rng(0), 2, mixup=0.4, short_frames=96)
+    assert isinstance(x, list) and len(x) == len(targets["genres"])
+    assert {c.shape for c in x} == {(audio.N_MELS, 96, 1), (audio.N_MELS, audio.WINDOW_FRAMES, 1)}
+    n_genres = len(trainer.genres)
+    # a crop's length follows its clip's set (the mask: setA never labels jazz); mixup, within one set and
+    # one length, would have failed on two lengths
+    for c, y in zip(x, targets["genres"]):
+        assert (c.shape[1] == 96) == (y[n_genres + trainer.genres.index("jazz")] == 0)
+
+    crops = [np.full((2, n, 1), k, np.float32) for k, n in enumerate((5, 5, 7, 7, 5, 5, 7, 7, 5, 5))]
+    ds = train.length_batches(crops, {"pair": np.arange(10.0)[:, None]}, 4, np.random.default_rng(0))
+    got = [(xb.numpy(), yb["pair"].numpy()[:, 0].astype(int)) for xb, yb in ds]
+    assert sorted(len(rows) for _, rows in got) == [2, 4, 4]
+    for xb, rows in got:
+        assert xb.shape[2] == {5: 5, 7: 7}[crops[rows[0]].shape[1]]  # one length per batch ...
+        assert [xb[j, 0, 0, 0] for j in range(len(rows))] == list(rows)  # ... and the rows' own crops
+        assert sorted(rows[0::2]) == sorted(rows[1::2] - 1)  # pairs (2j, 2j + 1) intact
+
+    arch = ["--conv-filters", "4,4,4,4", "--gru-units", "4", "--epochs", "2", "--batch-size", "4"]
+    assert train.main([str(a), str(b), "--out", str(tmp_path / "m"), "--short-crops", "96", *arch]) == 0
+    card = json.loads((tmp_path / "m" / "crnn.json").read_text())
+    assert card["training"]["short_crops"] == {"frames": 96, "clips": 4}
+    assert len(card["training"]["history"]) == 2
+    net = model.build_for(model.ModelCard.load(tmp_path / "m"))  # the served shape: whole windows
+    net.load_weights(str(tmp_path / "m" / "crnn.weights.h5"))
+    assert net.input.shape[2] == audio.WINDOW_FRAMES
+    assert train.main([str(a), "--out", str(tmp_path / "m2"), "--short-crops", "50"]) == 1
 
 
 # ---- the real shared data ----

@@ -173,9 +173,10 @@ def serving_windows(mel: np.ndarray, n_samples: int, n_windows: int) -> np.ndarr
     return np.stack([mel[:, s // HOP_LENGTH : s // HOP_LENGTH + WINDOW_FRAMES] for s in starts])
 
 
-def random_start(n_frames: int, rng: np.random.Generator) -> int:
-    """Start of a hop-aligned random 1366-frame crop of an n_frames log-mel (augmentation: a clip gives many windows)."""
-    extra = n_frames - WINDOW_FRAMES
+def random_start(n_frames: int, rng: np.random.Generator, length: int = WINDOW_FRAMES) -> int:
+    """Start of a hop-aligned random crop of ``length`` frames (a window) of an n_frames log-mel
+    (augmentation: a clip gives many windows)."""
+    extra = n_frames - length
     return int(rng.integers(0, extra + 1)) if extra > 0 else 0
 
 

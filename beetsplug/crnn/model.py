@@ -223,6 +223,8 @@ _CARD_KEYS = {"format", "model_id", "genres", "weights", "sha256", "architecture
 def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout=0.1, frames=WINDOW_FRAMES, n_tags=0):
     """The paper's CRNN. Returns a Keras model mapping model input (b, 96, frames, 1) to (embedding, probs).
 
+    ``frames=None`` takes inputs of any length (training on short crops); the weights are the same.
+
     With ``n_tags`` a second sigmoid head on the same embedding predicts a teacher's tags
     (distillation); the outputs are then (embedding, probs, tags).
     """
@@ -241,9 +243,9 @@ def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout
         x = layers.ReLU(name=f"relu{i}")(x)
         x = layers.MaxPooling2D(pool, name=f"pool{i}")(x)
         x = layers.Dropout(dropout, name=f"drop{i}")(x)
-    # Frequency has pooled down to 1: the rest is a sequence over time.
+    # Frequency has pooled down to 1: the rest is a sequence over time (of any length with frames=None).
     steps, width = x.shape[2], x.shape[3]
-    x = layers.Reshape((steps, width), name="to_sequence")(x)
+    x = layers.Reshape((-1 if steps is None else steps, width), name="to_sequence")(x)
     x = layers.GRU(int(gru_units), return_sequences=True, name="gru1")(x)
     emb = layers.GRU(int(gru_units), name="gru2")(x)
     probs = layers.Dense(n_genres, activation="sigmoid", name="genres")(emb)

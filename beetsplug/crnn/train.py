@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from . import augment, dataset
-from .audio import DEFAULT_WINDOWS, HOP_LENGTH, WINDOW_FRAMES
+from .audio import DEFAULT_WINDOWS, HOP_LENGTH, N_FFT, WINDOW_FRAMES
 from .errors import CrnnError, ModelError
 from .features import model_input
 from .teacher import crop_targets
-from .model import (CARD_NAME, DEFAULT_ARCHITECTURE, WEIGHTS_NAME, ModelCard, build, import_tensorflow,
+from .model import (CARD_NAME, DEFAULT_ARCHITECTURE, POOLS, WEIGHTS_NAME, ModelCard, build, import_tensorflow,
                     require_tensorflow, sha256_of)
 
 DEFAULT_CACHE = Path(".cache") / "mels"
@@ -134,7 +134,10 @@ class Trainer:
         self.log(f"log-mels ready for {len(self.train_records)} train + {len(self.val_records)} val clips"
                  + (f" + {len(self.unlabelled)} unlabelled" if self.unlabelled else "") + f" in {time.time() - t:.0f} s")
         fit_records = self.train_records + self.unlabelled
-        self.train_mels = [self.cache.get(r.path)[0] for r in fit_records]
+        cached = [self.cache.get(r.path) for r in fit_records]
+        self.train_mels = [mel for mel, _ in cached]
+        self.train_samples = np.array([n for _, n in cached])  # clip lengths: which clips --short-crops shortens
+        del cached
         self.train_starts = [self.cache.part_starts(r.path) for r in fit_records]  # teacher targets need file time
         self.train_y = np.array([self.genres.index(r.genre) if r.genre else -1 for r in fit_records])
         self.train_hot = _hot(fit_records, self.genres)  # one-hot, or several 1s for a clip with several genres
@@ -185,9 +188,27 @@ class Trainer:
             picks.append(np.repeat(unlabelled, crops_per_clip))
         return rng.permutation(np.concatenate(picks))
 
-    def epoch_data(self, rng, crops_per_clip, mixup, masking=False, shift=0, augmenter=None, version_p=0.0, pairs=False):
+    def crop_lengths(self, picks, short_frames=0) -> np.ndarray:
+        """Frames per crop: a window, or ``short_frames`` for a clip that fits in that many frames.
+
+        A clip shorter than a window is looped to fill it (``audio.fit_window``), so a 3 s excerpt
+        in a whole window is ten copies of itself that cost ten times its CPU; a short crop of its
+        loop costs ``short_frames / 1366`` of that and shows the same audio.
+        """
+        lengths = np.full(len(picks), WINDOW_FRAMES)
+        if short_frames:
+            fits = self.train_samples[picks] <= N_FFT + HOP_LENGTH * (short_frames - 1)
+            lengths[fits] = short_frames
+        return lengths
+
+    def epoch_data(self, rng, crops_per_clip, mixup, masking=False, shift=0, augmenter=None, version_p=0.0, pairs=False,
+                   short_frames=0):
         """Model inputs and targets for one epoch: random crops of clips or of their codec versions,
         log-mel edits, band shifts, masking, mixup (within one source, so masks stay meaningful).
+
+        With ``short_frames`` (``--short-crops``) clips that fit in that many frames give crops of
+        that length (see ``crop_lengths``); x is then a list of (96, frames, 1) crops of two lengths,
+        and mixup pairs crops of one length only.
 
         With ``pairs`` the crops come as two views of one place in one clip, side by side (rows 2j
         and 2j + 1): the clip as it is or as a codec version, then the other of the two where the clip
@@ -199,9 +220,10 @@ class Trainer:
         picks = self.epoch_picks(rng, max(1, crops_per_clip // 2) if pairs else crops_per_clip)
         if pairs:
             picks = np.repeat(picks, 2)
+        lengths = self.crop_lengths(picks, short_frames)
         crops, tags, embs = [], [], []
         view = None  # with pairs: (part, start, from a version) of the pair's first view
-        for k, i in enumerate(picks):
+        for k, (i, length) in enumerate(zip(picks, lengths)):
             second = pairs and k % 2 == 1
             mel, part = self.train_mels[i], 0
             if second:
@@ -211,7 +233,7 @@ class Trainer:
                 part = int(rng.integers(len(mel)))
                 mel = mel[part]
             first = self.train_starts[i][part]  # the part's start frame in the file
-            start = view[1] if second else dataset.random_start(mel.shape[1], rng)
+            start = view[1] if second else dataset.random_start(mel.shape[1], rng, length)
             use_version = (not view[2]) if second else rng.random() < version_p
             if pairs and not second:
                 view = (part, start, use_version)
@@ -224,8 +246,8 @@ class Trainer:
                 else:
                     part = 0
                 first = self.train_version_starts[i][which][part]  # a version's spans are its own
-            start = min(start, max(mel.shape[1] - WINDOW_FRAMES, 0))
-            c = mel[:, start : start + WINDOW_FRAMES]
+            start = min(start, max(mel.shape[1] - length, 0))
+            c = mel[:, start : start + length]
             if augmenter is not None:
                 c = augmenter(c, rng)
             if shift:
@@ -240,10 +262,11 @@ class Trainer:
                     tags.append(np.zeros(len(self.tag_names), np.float32))
                     embs.append(np.zeros(self.teacher_dim + 1, np.float32))
                 else:
-                    t, v = crop_targets(e, first + start, WINDOW_FRAMES)
+                    t, v = crop_targets(e, first + start, length)
                     tags.append(t)
                     embs.append(np.concatenate([v, [1.0]]))
-        x = np.stack(crops)[..., None]
+        one_length = len(set(lengths.tolist())) <= 1
+        x = np.stack(crops)[..., None] if one_length else [c[..., None] for c in crops]
         y = self.train_hot[picks]
         mask = self.train_mask[picks]
         t = np.array(tags, np.float32) if tags else None
@@ -253,15 +276,19 @@ class Trainer:
             lam = rng.beta(mixup, mixup, size=len(x)).astype(np.float32)
             lam = np.maximum(lam, 1 - lam)  # the first clip dominates, so its crop stays the 'real' one
             other = np.arange(len(x))
-            sources = self.train_source[picks]
+            # partners from the same source (and of the same crop length)
+            groups = np.char.add(np.char.add(self.train_source[picks].astype(str), "\0"), lengths.astype(str))
             step = 2 if pairs else 1  # a pair's two views mix with the same partner pair, by the same amount
-            for src in np.unique(sources[::step]):
-                idx = np.flatnonzero(sources[::step] == src) * step
+            for group in np.unique(groups[::step]):
+                idx = np.flatnonzero(groups[::step] == group) * step
                 other[idx] = idx[rng.permutation(len(idx))]
             if pairs:
                 lam[1::2] = lam[0::2]
                 other[1::2] = other[0::2] + 1
-            x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[other]
+            if one_length:
+                x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[other]
+            else:
+                x = [lam[k] * x[k] + (1 - lam[k]) * x[other[k]] for k in range(len(x))]
             y = lam[:, None] * y + (1 - lam[:, None]) * y[other]
             mask = mask * mask[other]
             if t is not None:
@@ -275,7 +302,8 @@ class Trainer:
         if t is not None:
             targets["tags"] = np.concatenate([t, np.repeat(has, t.shape[1], axis=1)], axis=1).astype(np.float32)
             targets["teacher_emb"] = v.astype(np.float32)
-        return x.astype(np.float32), targets
+        x = x.astype(np.float32) if one_length else [c.astype(np.float32) for c in x]
+        return x, targets
 
     def recalibrate(self, model, rng, n_crops=192, batch_size=16) -> None:
         """Replace batch-norm running statistics by their exact average over training crops.
@@ -316,7 +344,8 @@ class Trainer:
     def fit(self, epochs=40, patience=8, crops_per_clip=2, batch_size=16, mixup=0.0, lr=1e-3, seed=0,
             architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False,
             shift=0, average=1, weight_decay=0.0, augmenter=None, version_p=0.0, teacher_target="both",
-            teacher_weight=1.0, new_head=False, on_epoch=None, callbacks=(), pair_weight=0.0, anneal=0.0):
+            teacher_weight=1.0, new_head=False, on_epoch=None, callbacks=(), pair_weight=0.0, anneal=0.0,
+            short_frames=0):
         """Train; returns (the Keras model with the best epoch's weights, architecture, info).
 
         ``init_from`` starts from a model's weights; with ``new_head`` that model may know other
@@ -325,7 +354,8 @@ class Trainer:
         line per epoch; ``callbacks`` are Keras callbacks for each epoch's ``fit``. Ctrl-C ends
         training like the time limit does: the best epoch so far is returned (``info["stopped"]``).
         ``anneal`` is the last fraction of the budget (``max_minutes``, else ``epochs``) in which the
-        learning rate falls to a tenth (see ``annealed_lr``).
+        learning rate falls to a tenth (see ``annealed_lr``). ``short_frames`` trains clips that fit in
+        that many frames on crops of that length (see ``crop_lengths``), in batches of one length each.
         """
         import_tensorflow()
         import keras
@@ -344,7 +374,9 @@ class Trainer:
             if ignored:
                 self.log(f"--init-from keeps the starting model's {', '.join(ignored)}")
             arch = dict(card.architecture)  # fine-tuning keeps the starting model's shape
-        full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"], n_tags=n_tags)
+        check_short_crops(short_frames)
+        full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"], n_tags=n_tags,
+                     frames=None if short_frames else WINDOW_FRAMES)
         if card is not None:
             try:
                 fresh = set() if card.genres == self.genres else {"genres"}
@@ -401,13 +433,16 @@ class Trainer:
             for epoch in range(1, epochs + 1):
                 done = (time.time() - start) / 60 / max_minutes if max_minutes else (epoch - 1) / epochs
                 net.optimizer.learning_rate.assign(annealed_lr(lr * scale, done, anneal))
-                x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p, pairs)
+                x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p, pairs,
+                                       short_frames)
                 y = {k: v for k, v in y.items() if k in outputs}  # --teacher-target tags/emb: one teacher output
                 if max_steps is not None:
                     x, y = x[: max_steps * batch_size], {k: v[: max_steps * batch_size] for k, v in y.items()}
+                if isinstance(x, list):  # crops of two lengths: batches of one length each
+                    x, y = length_batches(x, y, batch_size, rng), None
                 # epoch_data has shuffled the clips; with pairs, Keras must not split them up again
-                h = net.fit(x, y, batch_size=batch_size, epochs=1, shuffle=not pairs, verbose=0,
-                            callbacks=list(callbacks))
+                h = net.fit(x, y, batch_size=None if y is None else batch_size, epochs=1,
+                            shuffle=not pairs and y is not None, verbose=0, callbacks=list(callbacks))
                 row = {"epoch": epoch, "loss": float(h.history["loss"][-1]),
                        "lr": float(net.optimizer.learning_rate.numpy())}
                 for name in outputs:
@@ -482,6 +517,39 @@ class Trainer:
         if not report["used"]:
             net.set_weights(kept[0][2])
         return report
+
+
+def check_short_crops(frames: int) -> None:
+    """A short crop must reach the GRU as at least one step (the pools divide time by 96)."""
+    steps = math.prod(t for _, t in POOLS)
+    if frames and not steps <= frames < WINDOW_FRAMES:
+        raise CrnnError(f"--short-crops is a crop length in frames, {steps} to {WINDOW_FRAMES - 1} (0 = off)")
+
+
+def length_batches(crops, targets, batch_size, rng):
+    """A tf.data dataset of batches whose crops share one length, in random order.
+
+    Crops keep their epoch order inside a length, so a pair's two views (same clip, same
+    length, side by side) stay in one batch when the batch size is even. The signature leaves
+    the length open, so one traced training step serves every length.
+    """
+    import tensorflow as tf
+
+    lengths = np.array([c.shape[1] for c in crops])
+    batches = []
+    for length in np.unique(lengths):
+        idx = np.flatnonzero(lengths == length)
+        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    batches = [batches[k] for k in rng.permutation(len(batches))]
+
+    def generate():
+        for idx in batches:
+            yield np.stack([crops[i] for i in idx]), {name: v[idx] for name, v in targets.items()}
+
+    signature = (tf.TensorSpec((None, *crops[0].shape[:1], None, *crops[0].shape[2:]), tf.float32),
+                 {name: tf.TensorSpec((None, *v.shape[1:]), tf.float32) for name, v in targets.items()})
+    data = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    return data.apply(tf.data.experimental.assert_cardinality(len(batches)))  # Keras then knows the epoch's end
 
 
 def annealed_lr(lr: float, done: float, anneal: float, floor: float = 0.1) -> float:
@@ -567,6 +635,10 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--anneal", type=float, default=0.0, metavar="FRACTION",
                    help="in the last FRACTION of --max-minutes (else of --epochs) the learning rate falls along a "
                         "cosine to a tenth (0 = off: constant, halved on plateaus)")
+    p.add_argument("--short-crops", type=int, default=0, metavar="FRAMES",
+                   help="train clips that fit in FRAMES log-mel frames (3 s excerpts) on crops of FRAMES frames "
+                        f"of their loop, not of a whole {WINDOW_FRAMES}-frame window, which costs "
+                        "FRAMES/1366 of the CPU (0 = off)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="decoupled weight decay as in AdamW, scaled by the learning rate (0 = plain Adam)")
     p.add_argument("--seed", type=int, default=0)
@@ -624,6 +696,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
         raise CrnnError("--pairs is a loss weight: 0 (off) or more")
     if not 0 <= args.anneal <= 1:
         raise CrnnError("--anneal is a fraction of the training budget: 0 (off) to 1")
+    check_short_crops(args.short_crops)
     if (args.unlabelled or unlabelled) and not args.teacher:  # folders, or a library's genre-less tracks
         raise CrnnError("--unlabelled needs --teacher: without labels, only a teacher can say what the audio is")
     if args.teacher:
@@ -651,7 +724,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
                                    version_p=args.version_p if versions else 0.0,
                                    teacher_target=args.teacher_target, teacher_weight=args.teacher_weight,
                                    new_head=getattr(args, "new_head", False), on_epoch=on_epoch, callbacks=callbacks,
-                                   pair_weight=args.pairs, anneal=args.anneal)
+                                   pair_weight=args.pairs, anneal=args.anneal, short_frames=args.short_crops)
     count = lambda recs: {g: sum(g in (r.genre, *r.more) for r in recs) for g in trainer.genres}  # noqa: E731
     extra = {
         "training": {
@@ -669,6 +742,10 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
             "loss": info["losses"], "loss_weights": info["loss_weights"],
             "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "masking": args.masking,
             "shift": args.shift, "average": args.average,
+            "short_crops": ({"frames": args.short_crops,
+                             "clips": int(np.sum(trainer.crop_lengths(np.arange(len(trainer.train_samples)),
+                                                                      args.short_crops) < WINDOW_FRAMES))}
+                            if args.short_crops else None),
             "augmentation": {"log_mel_edits": augmenter.describe() if augmenter else None,
                              "codec_versions": {v: augment.CODEC_VERSIONS[v][1] for v in versions},
                              "version_p": args.version_p if versions else 0.0},
