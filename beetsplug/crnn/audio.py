@@ -21,9 +21,15 @@ N_FFT = 2048
 HOP_LENGTH = 512
 N_MELS = 96
 WINDOW_FRAMES = 1366
-# Samples that give exactly WINDOW_FRAMES STFT frames with center=False, so a window cut
-# from a whole-clip log-mel (training) equals the log-mel of that window decoded alone (serving).
-WINDOW_SAMPLES = N_FFT + HOP_LENGTH * (WINDOW_FRAMES - 1)
+
+
+def samples_for(frames: int) -> int:
+    """Samples that give exactly ``frames`` STFT frames with center=False."""
+    return N_FFT + HOP_LENGTH * (frames - 1)
+
+
+# So a window cut from a whole-clip log-mel (training) equals the log-mel of that window decoded alone (serving).
+WINDOW_SAMPLES = samples_for(WINDOW_FRAMES)
 DEFAULT_WINDOWS = 2  # a 3-minute track: the middle of its first and second half
 DEFAULT_TIMEOUT = 120.0
 # Audio may end this much before the length a header promises (VBR estimates) before it counts as truncated.

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import augment, dataset
-from .audio import DEFAULT_WINDOWS, HOP_LENGTH, N_FFT, WINDOW_FRAMES
+from .audio import DEFAULT_WINDOWS, WINDOW_FRAMES, samples_for
 from .errors import CrnnError, ModelError
 from .features import model_input
 from .teacher import crop_targets
@@ -137,7 +137,6 @@ class Trainer:
         cached = [self.cache.get(r.path) for r in fit_records]
         self.train_mels = [mel for mel, _ in cached]
         self.train_samples = np.array([n for _, n in cached])  # clip lengths: which clips --short-crops shortens
-        del cached
         self.train_starts = [self.cache.part_starts(r.path) for r in fit_records]  # teacher targets need file time
         self.train_y = np.array([self.genres.index(r.genre) if r.genre else -1 for r in fit_records])
         self.train_hot = _hot(fit_records, self.genres)  # one-hot, or several 1s for a clip with several genres
@@ -197,7 +196,7 @@ class Trainer:
         """
         lengths = np.full(len(picks), WINDOW_FRAMES)
         if short_frames:
-            fits = self.train_samples[picks] <= N_FFT + HOP_LENGTH * (short_frames - 1)
+            fits = self.train_samples[picks] <= samples_for(short_frames)
             lengths[fits] = short_frames
         return lengths
 
@@ -265,8 +264,7 @@ class Trainer:
                     t, v = crop_targets(e, first + start, length)
                     tags.append(t)
                     embs.append(np.concatenate([v, [1.0]]))
-        one_length = len(set(lengths.tolist())) <= 1
-        x = np.stack(crops)[..., None] if one_length else [c[..., None] for c in crops]
+        x = [c[..., None] for c in crops]
         y = self.train_hot[picks]
         mask = self.train_mask[picks]
         t = np.array(tags, np.float32) if tags else None
@@ -285,10 +283,7 @@ class Trainer:
             if pairs:
                 lam[1::2] = lam[0::2]
                 other[1::2] = other[0::2] + 1
-            if one_length:
-                x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x[other]
-            else:
-                x = [lam[k] * x[k] + (1 - lam[k]) * x[other[k]] for k in range(len(x))]
+            x = [lam[k] * x[k] + (1 - lam[k]) * x[other[k]] for k in range(len(x))]
             y = lam[:, None] * y + (1 - lam[:, None]) * y[other]
             mask = mask * mask[other]
             if t is not None:
@@ -302,8 +297,8 @@ class Trainer:
         if t is not None:
             targets["tags"] = np.concatenate([t, np.repeat(has, t.shape[1], axis=1)], axis=1).astype(np.float32)
             targets["teacher_emb"] = v.astype(np.float32)
-        x = x.astype(np.float32) if one_length else [c.astype(np.float32) for c in x]
-        return x, targets
+        x = [c.astype(np.float32) for c in x]
+        return (np.stack(x) if len(set(lengths.tolist())) <= 1 else x), targets
 
     def recalibrate(self, model, rng, n_crops=192, batch_size=16) -> None:
         """Replace batch-norm running statistics by their exact average over training crops.
