@@ -632,8 +632,8 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "cosine to a tenth (0 = off: constant, halved on plateaus)")
     p.add_argument("--short-crops", type=int, default=0, metavar="FRAMES",
                    help="train clips that fit in FRAMES log-mel frames (3 s excerpts) on crops of FRAMES frames "
-                        f"of their loop, not of a whole {WINDOW_FRAMES}-frame window, which costs "
-                        "FRAMES/1366 of the CPU (0 = off)")
+                        f"of their loop, not of a whole {WINDOW_FRAMES}-frame window: about FRAMES/1366 "
+                        "of a window's CPU (0 = off)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="decoupled weight decay as in AdamW, scaled by the learning rate (0 = plain Adam)")
     p.add_argument("--seed", type=int, default=0)
