@@ -123,6 +123,32 @@ def test_noise_raises_the_floor(beat_mel):
         assert abs(float(out.max() - quiet.max())) < 0.01  # the loud cells are unchanged
 
 
+def test_compress_lowers_loud_frames_only():
+    """A crop whose frames step from quiet to loud: the loud frames lose the excess over the threshold
+    times (1 - 1/ratio), the quiet ones keep their level, and every band of a frame moves together."""
+    mel = np.full((audio.N_MELS, 40), -60.0, np.float32)
+    mel[:, 20:] = -30.0  # the loud half: 30 dB above the quiet one
+    rng_depth, ratio = 10.0, 4.0
+    out = augment.compress(mel, np.random.default_rng(0), rng_depth, rng_depth, ratio, ratio, hold_frames=0)
+    cut = mel - out
+    assert np.allclose(cut, cut[:1], atol=1e-4)  # a per-frame gain: the same in every band
+    assert np.allclose(cut[:, :20], 0.0, atol=1e-4)
+    assert np.allclose(cut[:, 20:], rng_depth * (1 - 1 / ratio), atol=1e-3)
+    held = augment.compress(mel, np.random.default_rng(0), rng_depth, rng_depth, ratio, ratio, hold_frames=2)
+    assert np.allclose((mel - held)[0, 18:20], rng_depth * (1 - 1 / ratio), atol=1e-3)  # look-ahead
+    assert np.allclose((mel - held)[0, :18], 0.0, atol=1e-4)
+
+
+def test_compress_moves_the_model_input_where_gain_does_not(beat_mel):
+    """The front end cancels a gain, not a limiter: the reason compression is an edit of its own."""
+    base = model_input(beat_mel)
+    for seed in range(4):
+        out = augment.compress(beat_mel, np.random.default_rng(seed))
+        assert np.all(out <= beat_mel + 1e-4)  # it only ever lowers
+        assert np.max(np.abs(model_input(out) - base)) > 1.0
+        assert np.max(np.abs(model_input(out + 12.0) - model_input(out))) < 1e-3
+
+
 def test_mel_augmenter_choices():
     with pytest.raises(CrnnError, match="unknown augmentation.*wobble"):
         augment.MelAugmenter(["gain", "wobble"])

@@ -4,7 +4,7 @@ Two kinds:
 - ``CODEC_VERSIONS``: a clip re-encoded through real codecs, sample rates and levels with
   ffmpeg. Made once per clip (``make_version``) and cached as files; their log-mels go
   through the same cache as any clip, so epochs never re-encode.
-- Cheap log-mel edits applied per training crop (gain, low-pass, spectral tilt, noise):
+- Cheap log-mel edits applied per training crop (gain, compression, low-pass, spectral tilt, noise):
   they act in the dB domain on the absolute log-mel, before ``features.model_input``.
 
 Pure numpy apart from the ffmpeg subprocess; nothing here knows about beets or Keras.
@@ -105,7 +105,30 @@ def noise(mel: np.ndarray, rng: np.random.Generator, snr_low: float = 30.0, snr_
     return (10.0 * np.log10(10.0 ** (mel / 10.0) + 10.0 ** (level / 10.0))).astype(np.float32)
 
 
-MEL_EDITS = ("gain", "lowpass", "tilt", "noise")
+def compress(mel: np.ndarray, rng: np.random.Generator, depth_low=6.0, depth_high=20.0, ratio_low=1.5,
+             ratio_high=10.0, hold_frames=1) -> np.ndarray:
+    """Squash the loudest frames, as the limiter or compressor of a loud modern master does.
+
+    A limiter is not a gain, which the front end cancels: it lowers loud frames more than quiet
+    ones, and so moves every cell against the window's maximum. Measured on ``flac44-loud``
+    (emotify val): its effect on the model is a per-frame gain (the model's outputs for the
+    limited file and for the original with the limiter's per-frame level change agree to cosine
+    0.999), and that change follows the frame's power (correlation -0.8), best fitted by a
+    threshold 10-14 dB below the loudest frame and a ratio of 2-5. Here frames above a threshold
+    a random ``depth`` below the loudest frame lose ``1 - 1/ratio`` of the excess; each cut is
+    held ``hold_frames`` either side (look-ahead and release). ``mel`` is one (bands, frames) crop.
+    """
+    level = 10.0 * np.log10(np.sum(10.0 ** (mel.astype(np.float64) / 10.0), axis=0) + 1e-30)
+    threshold = level.max() - rng.uniform(depth_low, depth_high)
+    ratio = rng.uniform(ratio_low, ratio_high)
+    cut = (1.0 - 1.0 / ratio) * np.maximum(level - threshold, 0.0)
+    if hold_frames:
+        padded = np.pad(cut, hold_frames, mode="edge")
+        cut = np.lib.stride_tricks.sliding_window_view(padded, 2 * hold_frames + 1).max(axis=-1)
+    return (mel - cut.astype(np.float32)[None, :]).astype(np.float32)
+
+
+MEL_EDITS = ("gain", "compress", "lowpass", "tilt", "noise")  # the order they apply: mastering, then the medium
 
 
 class MelAugmenter:
@@ -140,6 +163,8 @@ class MelAugmenter:
                 mel = tilt(mel, rng, self.freqs)
             elif e == "noise":
                 mel = noise(mel, rng)
+            elif e == "compress":
+                mel = compress(mel, rng)
         return mel
 
     def describe(self) -> dict:
