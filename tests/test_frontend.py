@@ -128,14 +128,14 @@ def test_compress_lowers_loud_frames_only():
     times (1 - 1/ratio), the quiet ones keep their level, and every band of a frame moves together."""
     mel = np.full((audio.N_MELS, 40), -60.0, np.float32)
     mel[:, 20:] = -30.0  # the loud half: 30 dB above the quiet one
-    rng_depth, ratio = 10.0, 4.0
-    out = augment.compress(mel, np.random.default_rng(0), rng_depth, rng_depth, ratio, ratio, hold_frames=0)
+    depth, ratio = 10.0, 4.0
+    out = augment.compress(mel, np.random.default_rng(0), depth, depth, ratio, ratio, hold_frames=0)
     cut = mel - out
     assert np.allclose(cut, cut[:1], atol=1e-4)  # a per-frame gain: the same in every band
     assert np.allclose(cut[:, :20], 0.0, atol=1e-4)
-    assert np.allclose(cut[:, 20:], rng_depth * (1 - 1 / ratio), atol=1e-3)
-    held = augment.compress(mel, np.random.default_rng(0), rng_depth, rng_depth, ratio, ratio, hold_frames=2)
-    assert np.allclose((mel - held)[0, 18:20], rng_depth * (1 - 1 / ratio), atol=1e-3)  # look-ahead
+    assert np.allclose(cut[:, 20:], depth * (1 - 1 / ratio), atol=1e-3)
+    held = augment.compress(mel, np.random.default_rng(0), depth, depth, ratio, ratio, hold_frames=2)
+    assert np.allclose((mel - held)[0, 18:20], depth * (1 - 1 / ratio), atol=1e-3)  # look-ahead
     assert np.allclose((mel - held)[0, :18], 0.0, atol=1e-4)
 
 
