@@ -230,6 +230,12 @@ def test_short_crops_cut_short_clips_short_and_train_on_batches_of_one_length(tm
     assert set(lengths[trainer.train_source == "setA"]) == {96}
     assert set(lengths[trainer.train_source == "setB"]) == {audio.WINDOW_FRAMES}
     assert set(trainer.crop_lengths(every)) == {audio.WINDOW_FRAMES}  # off: every crop a window
+    # --short-share: about that share of the short clips' crops is short, the rest whole looped windows
+    many = np.repeat(every, 200)
+    mixed = trainer.crop_lengths(many, 96, 0.25, np.random.default_rng(0))
+    from_a = trainer.train_source[many] == "setA"
+    assert 0.2 < np.mean(mixed[from_a] == 96) < 0.3 and set(mixed[from_a]) == {96, audio.WINDOW_FRAMES}
+    assert set(mixed[~from_a]) == {audio.WINDOW_FRAMES}
 
     x, targets = trainer.epoch_data(np.random.default_rng(0), 2, mixup=0.4, short_frames=96)
     assert isinstance(x, list) and len(x) == len(targets["genres"])
@@ -252,12 +258,13 @@ def test_short_crops_cut_short_clips_short_and_train_on_batches_of_one_length(tm
     arch = ["--conv-filters", "4,4,4,4", "--gru-units", "4", "--epochs", "2", "--batch-size", "4"]
     assert train.main([str(a), str(b), "--out", str(tmp_path / "m"), "--short-crops", "96", *arch]) == 0
     card = json.loads((tmp_path / "m" / "crnn.json").read_text())
-    assert card["training"]["short_crops"] == {"frames": 96, "clips": 4}
+    assert card["training"]["short_crops"] == {"frames": 96, "share": 1.0, "clips": 4}
     assert len(card["training"]["history"]) == 2
     net = model.build_for(model.ModelCard.load(tmp_path / "m"))  # the served shape: whole windows
     net.load_weights(str(tmp_path / "m" / "crnn.weights.h5"))
     assert net.input.shape[2] == audio.WINDOW_FRAMES
     assert train.main([str(a), "--out", str(tmp_path / "m2"), "--short-crops", "50"]) == 1
+    assert train.main([str(a), "--out", str(tmp_path / "m2"), "--short-crops", "96", "--short-share", "0"]) == 1
 
 
 # ---- the real shared data ----

@@ -187,21 +187,25 @@ class Trainer:
             picks.append(np.repeat(unlabelled, crops_per_clip))
         return rng.permutation(np.concatenate(picks))
 
-    def crop_lengths(self, picks, short_frames=0) -> np.ndarray:
+    def crop_lengths(self, picks, short_frames=0, short_share=1.0, rng=None) -> np.ndarray:
         """Frames per crop: a window, or ``short_frames`` for a clip that fits in that many frames.
 
         A clip shorter than a window is looped to fill it (``audio.fit_window``), so a 3 s excerpt
         in a whole window is ten copies of itself that cost ten times its CPU; a short crop of its
-        loop costs ``short_frames / 1366`` of that and shows the same audio.
+        loop costs ``short_frames / 1366`` of that and shows the same audio. With ``short_share``
+        below 1 only that share of such crops (drawn with ``rng``) is short and the rest stay whole
+        looped windows, the length ``crnnembed`` serves such a clip at, so the GRU still learns it.
         """
         lengths = np.full(len(picks), WINDOW_FRAMES)
         if short_frames:
             fits = self.train_samples[picks] <= samples_for(short_frames)
+            if short_share < 1.0:
+                fits &= rng.random(len(picks)) < short_share
             lengths[fits] = short_frames
         return lengths
 
     def epoch_data(self, rng, crops_per_clip, mixup, masking=False, shift=0, augmenter=None, version_p=0.0, pairs=False,
-                   short_frames=0):
+                   short_frames=0, short_share=1.0):
         """Model inputs and targets for one epoch: random crops of clips or of their codec versions,
         log-mel edits, band shifts, masking, mixup (within one source, so masks stay meaningful).
 
@@ -219,7 +223,7 @@ class Trainer:
         picks = self.epoch_picks(rng, max(1, crops_per_clip // 2) if pairs else crops_per_clip)
         if pairs:
             picks = np.repeat(picks, 2)
-        lengths = self.crop_lengths(picks, short_frames)
+        lengths = self.crop_lengths(picks, short_frames, short_share, rng)
         crops, tags, embs = [], [], []
         view = None  # with pairs: (part, start, from a version) of the pair's first view
         for k, (i, length) in enumerate(zip(picks, lengths)):
@@ -340,7 +344,7 @@ class Trainer:
             architecture=None, init_from=None, max_minutes=None, max_steps=None, recalibrate=True, masking=False,
             shift=0, average=1, weight_decay=0.0, augmenter=None, version_p=0.0, teacher_target="both",
             teacher_weight=1.0, new_head=False, on_epoch=None, callbacks=(), pair_weight=0.0, anneal=0.0,
-            short_frames=0):
+            short_frames=0, short_share=1.0):
         """Train; returns (the Keras model with the best epoch's weights, architecture, info).
 
         ``init_from`` starts from a model's weights; with ``new_head`` that model may know other
@@ -350,7 +354,8 @@ class Trainer:
         training like the time limit does: the best epoch so far is returned (``info["stopped"]``).
         ``anneal`` is the last fraction of the budget (``max_minutes``, else ``epochs``) in which the
         learning rate falls to a tenth (see ``annealed_lr``). ``short_frames`` trains clips that fit in
-        that many frames on crops of that length (see ``crop_lengths``), in batches of one length each.
+        that many frames on crops of that length (see ``crop_lengths``), in batches of one length each;
+        ``short_share`` is the share of such crops that are short, the rest whole windows.
         """
         import_tensorflow()
         import keras
@@ -370,6 +375,8 @@ class Trainer:
                 self.log(f"--init-from keeps the starting model's {', '.join(ignored)}")
             arch = dict(card.architecture)  # fine-tuning keeps the starting model's shape
         check_short_crops(short_frames)
+        if not 0.0 < short_share <= 1.0:
+            raise CrnnError("--short-share is the share of short clips' crops that are short: above 0, at most 1")
         full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"], n_tags=n_tags,
                      frames=None if short_frames else WINDOW_FRAMES)
         if card is not None:
@@ -429,7 +436,7 @@ class Trainer:
                 done = (time.time() - start) / 60 / max_minutes if max_minutes else (epoch - 1) / epochs
                 net.optimizer.learning_rate.assign(annealed_lr(lr * scale, done, anneal))
                 x, y = self.epoch_data(rng, crops_per_clip, mixup, masking, shift, augmenter, version_p, pairs,
-                                       short_frames)
+                                       short_frames, short_share)
                 y = {k: v for k, v in y.items() if k in outputs}  # --teacher-target tags/emb: one teacher output
                 if max_steps is not None:
                     x, y = x[: max_steps * batch_size], {k: v[: max_steps * batch_size] for k, v in y.items()}
@@ -634,6 +641,9 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="train clips that fit in FRAMES log-mel frames (3 s excerpts) on crops of FRAMES frames "
                         f"of their loop, not of a whole {WINDOW_FRAMES}-frame window: about FRAMES/1366 "
                         "of a window's CPU (0 = off)")
+    p.add_argument("--short-share", type=float, default=1.0, metavar="FRACTION",
+                   help="with --short-crops: the share of those clips' crops that are short; the rest are whole "
+                        "looped windows, the length crnnembed analyses them at (1 = all short)")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="decoupled weight decay as in AdamW, scaled by the learning rate (0 = plain Adam)")
     p.add_argument("--seed", type=int, default=0)
@@ -719,7 +729,8 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
                                    version_p=args.version_p if versions else 0.0,
                                    teacher_target=args.teacher_target, teacher_weight=args.teacher_weight,
                                    new_head=getattr(args, "new_head", False), on_epoch=on_epoch, callbacks=callbacks,
-                                   pair_weight=args.pairs, anneal=args.anneal, short_frames=args.short_crops)
+                                   pair_weight=args.pairs, anneal=args.anneal, short_frames=args.short_crops,
+                                   short_share=args.short_share)
     count = lambda recs: {g: sum(g in (r.genre, *r.more) for r in recs) for g in trainer.genres}  # noqa: E731
     extra = {
         "training": {
@@ -737,7 +748,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
             "loss": info["losses"], "loss_weights": info["loss_weights"],
             "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "masking": args.masking,
             "shift": args.shift, "average": args.average,
-            "short_crops": ({"frames": args.short_crops,
+            "short_crops": ({"frames": args.short_crops, "share": args.short_share,
                              "clips": int(np.sum(trainer.crop_lengths(np.arange(len(trainer.train_samples)),
                                                                       args.short_crops) < WINDOW_FRAMES))}
                             if args.short_crops else None),
