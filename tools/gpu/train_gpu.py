@@ -1,0 +1,144 @@
+"""Train on a lent GPU machine (Keras 3 on JAX; no TensorFlow, beets, ffmpeg or audio there) from pack.py's shards.
+
+    python3 tools/gpu/train_gpu.py /tmp/data /tmp/runs/A -- <crnntrain options>
+
+Everything but where the Trainer's data comes from is the project's own training code:
+``train.run`` with its ``fit``, ``epoch_data``, averaging and card. The package is imported
+without its beets glue (``beetsplug/crnn/__init__.py`` imports beets), TensorFlow imports
+become no-ops, ``length_batches`` (tf.data) becomes a Keras PyDataset, and the ONNX export is
+left to ``python -m beetsplug.crnn.export`` on the CPU machine. The card's ``trained_on`` says
+where and how the model was trained.
+"""
+import lzma
+import os
+import pickle
+import sys
+import time
+import types
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several runs share one GPU
+
+ROOT = Path(__file__).resolve().parents[2]
+for name, path in (("beetsplug", ROOT / "beetsplug"), ("beetsplug.crnn", ROOT / "beetsplug" / "crnn")):
+    mod = types.ModuleType(name)
+    mod.__path__ = [str(path)]
+    sys.modules[name] = mod
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from beetsplug.crnn import model as model_mod  # noqa: E402
+from beetsplug.crnn import teacher as teacher_mod  # noqa: E402
+from beetsplug.crnn import train  # noqa: E402
+from pack import META_KEYS, restore  # noqa: E402
+
+META, ARRAYS = {}, []
+
+
+def _no_tensorflow(*args, **kwargs):
+    return None
+
+
+def _no_export(card):
+    raise ImportError("ONNX export is done afterwards on the CPU machine (python -m beetsplug.crnn.export)")
+
+
+model_mod.import_tensorflow = model_mod.require_tensorflow = _no_tensorflow
+train.import_tensorflow = train.require_tensorflow = _no_tensorflow
+teacher_mod.check_installed = _no_tensorflow
+teacher_mod.tag_names = lambda: list(META["tag_names"])
+_export = types.ModuleType("beetsplug.crnn.export")
+_export.export_card = _no_export
+sys.modules["beetsplug.crnn.export"] = _export
+
+
+def length_batches_any_backend(crops, targets, batch_size, rng):
+    """``train.length_batches`` without tf.data: the same batches, as a Keras PyDataset."""
+    import keras
+
+    lengths = np.array([c.shape[1] for c in crops])
+    batches = []
+    for length in np.unique(lengths):
+        idx = np.flatnonzero(lengths == length)
+        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    batches = [batches[k] for k in rng.permutation(len(batches))]
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, k):
+            idx = batches[k]
+            return np.stack([crops[i] for i in idx]), {name: v[idx] for name, v in targets.items()}
+
+    return Batches()
+
+
+train.length_batches = length_batches_any_backend
+
+
+def load(data_dir: Path):
+    meta = pickle.loads(lzma.decompress((data_dir / "meta.xz").read_bytes()))
+    arrays = []
+    for f in sorted(data_dir.glob("m[0-9]*.xz"), key=lambda p: int(p.stem[1:])):
+        arrays += pickle.loads(lzma.decompress(f.read_bytes()))
+    return meta, arrays
+
+
+class PackedTrainer(train.Trainer):
+    """A Trainer whose data comes from pack.py's shards instead of the caches and the audio."""
+
+    def __init__(self, records, cache_dir=None, genres=None, n_windows=2, log=print, workers=2, versions=(),
+                 version_dir=None, teacher=None, teacher_dir=None, unlabelled=()):
+        self.log = log
+        for k in META_KEYS:
+            setattr(self, k, META[k])
+        step = META["step"]
+        self.cache = None
+        self.train_mels = [None] * len(self.train_records)
+        self.train_versions = [[None] * n for n in META["n_versions"]]
+        for kind, i, j, a in ARRAYS:
+            if kind == "mel":
+                self.train_mels[i] = restore(a, step)
+            else:
+                self.train_versions[i][j] = restore(a, step)
+        if any(x is None for x in self.train_mels) or any(x is None for v in self.train_versions for x in v):
+            raise SystemExit("the packed data is incomplete: a shard is missing")
+        if tuple(versions) != tuple(self.versions):
+            raise SystemExit(f"packed with versions {self.versions}, asked for {tuple(versions)}")
+        if not teacher:
+            self.teacher, self.tag_names, self.teacher_dim = None, [], 0
+        self.val_windows = [np.float32(t) - q.astype(np.float32) * np.float32(step)
+                            for q, t in zip(META["val_q"], META["val_top"])]
+        log(f"packed data: {len(self.train_mels)} train clips, {sum(map(len, self.train_versions))} codec versions, "
+            f"{len(self.val_windows)} val clips")
+
+
+def main():
+    global META, ARRAYS
+    data_dir, out = Path(sys.argv[1]), sys.argv[2]
+    opts = sys.argv[sys.argv.index("--") + 1:]
+    t = time.time()
+    META, ARRAYS = load(data_dir)
+    print(f"loaded the packed data in {time.time() - t:.0f} s", flush=True)
+    train.Trainer = PackedTrainer
+    data = META.get("data", ["../shared/data/emotify", "../shared/data/gtzan"])
+    args = train.build_parser().parse_args([*data, "--out", out, *opts])
+    args.command = " ".join(["python -m beetsplug.crnn.train", *data, *opts])
+    import jax
+    import keras
+
+    extra = {"trained_on": f"Keras {keras.__version__} on JAX {jax.__version__}, {jax.devices()[0].device_kind} "
+                           f"(tools/gpu/train_gpu.py); log-mels packed as uint8 steps of {META['step']:g} dB "
+                           "(tools/gpu/pack.py)"}
+    card = train.run(args, log=lambda s: print(s, flush=True), records=META["records"], card_extra=extra)
+    print("model", card.model_id, flush=True)
+
+
+if __name__ == "__main__":
+    main()
