@@ -537,12 +537,7 @@ def length_batches(crops, targets, batch_size, rng):
     """
     import tensorflow as tf
 
-    lengths = np.array([c.shape[1] for c in crops])
-    batches = []
-    for length in np.unique(lengths):
-        idx = np.flatnonzero(lengths == length)
-        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    batches = [batches[k] for k in rng.permutation(len(batches))]
+    batches = length_groups(crops, batch_size, rng)
 
     def generate():
         for idx in batches:
@@ -552,6 +547,16 @@ def length_batches(crops, targets, batch_size, rng):
                  {name: tf.TensorSpec((None, *v.shape[1:]), tf.float32) for name, v in targets.items()})
     data = tf.data.Dataset.from_generator(generate, output_signature=signature)
     return data.apply(tf.data.experimental.assert_cardinality(len(batches)))  # Keras then knows the epoch's end
+
+
+def length_groups(crops, batch_size, rng) -> list[np.ndarray]:
+    """Index arrays of batches whose crops share one length (in epoch order inside a length), shuffled."""
+    lengths = np.array([c.shape[1] for c in crops])
+    batches = []
+    for length in np.unique(lengths):
+        idx = np.flatnonzero(lengths == length)
+        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    return [batches[k] for k in rng.permutation(len(batches))]
 
 
 def annealed_lr(lr: float, done: float, anneal: float, floor: float = 0.1) -> float:

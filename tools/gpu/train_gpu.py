@@ -58,12 +58,7 @@ def length_batches_any_backend(crops, targets, batch_size, rng):
     """``train.length_batches`` without tf.data: the same batches, as a Keras PyDataset."""
     import keras
 
-    lengths = np.array([c.shape[1] for c in crops])
-    batches = []
-    for length in np.unique(lengths):
-        idx = np.flatnonzero(lengths == length)
-        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    batches = [batches[k] for k in rng.permutation(len(batches))]
+    batches = train.length_groups(crops, batch_size, rng)
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
