@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from audiogen import signal
-from beetsplug.crnn import audio
+from beetsplug.crnn import audio, model
 from beetsplug.crnn.features import log_mel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "gpu"))
+TOOLS = Path(__file__).resolve().parents[1] / "tools" / "gpu"
+sys.path.insert(0, str(TOOLS))
 from pack import quantise, restore  # noqa: E402
 
 
@@ -41,3 +45,32 @@ def test_a_short_clip_travels_as_one_period_of_its_loop():
     # A wrong period would misalign the repeats: it lands much farther from the loop.
     wrong = restore(dict(packed, q=np.roll(packed["q"], period // 3, axis=1)), 1.0)
     assert np.median(np.abs(wrong - looped)[loud]) > 2 * np.median(np.abs(back - looped)[loud])
+
+
+@pytest.mark.slow
+def test_packed_data_trains_through_the_gpu_runner(tmp_path):
+    """pack.py, then train_gpu.py on its folders (here on TensorFlow: CI has no JAX) writes a model and card."""
+    from test_training_data import _labelled_set
+
+    import pack as pack_tool
+
+    data = _labelled_set(tmp_path / "tiny", ["rock", "pop"], seconds=3.0)
+    cache = tmp_path / "cache"
+    assert pack_tool.main([str(tmp_path / "packed"), str(data), "--", "--cache", str(cache)]) == 0
+    folders = sorted((tmp_path / "packed").iterdir())
+    assert [f.name for f in folders] == ["c1"] and (folders[0] / "meta.xz").is_file()
+    out = tmp_path / "model"
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, str(TOOLS / "train_gpu.py"), str(folders[0]), str(out), "--",
+                           "--epochs", "2", "--crops", "4", "--short-crops", "160", "--short-share", "0.5",
+                           "--name", "tiny"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "packed data: 4 train clips, 0 codec versions, 2 val clips" in proc.stdout
+    card = model.ModelCard.load(out)
+    card.verify()
+    training = card.extra["training"]
+    assert training["epochs_run"] == 2 and training["clips"] == {"train": 4, "val": 2, "unlabelled": 0}
+    assert "tools/gpu/train_gpu.py" in training["trained_on"] and "1 dB" in training["trained_on"]
+    assert training["command"].startswith(f"python -m beetsplug.crnn.train {data} --epochs 2")
+    net = model.build_for(card)
+    net.load_weights(str(card.weights))  # the weights load where crnnembed's Keras runtime loads them

@@ -125,12 +125,15 @@ def main():
     data = META.get("data", ["../shared/data/emotify", "../shared/data/gtzan"])
     args = train.build_parser().parse_args([*data, "--out", out, *opts])
     args.command = " ".join(["python -m beetsplug.crnn.train", *data, *opts])
-    import jax
     import keras
 
-    extra = {"trained_on": f"Keras {keras.__version__} on JAX {jax.__version__}, {jax.devices()[0].device_kind} "
-                           f"(tools/gpu/train_gpu.py); log-mels packed as uint8 steps of {META['step']:g} dB "
-                           "(tools/gpu/pack.py)"}
+    where = keras.backend.backend()
+    if where == "jax":
+        import jax
+
+        where = f"JAX {jax.__version__}, {jax.devices()[0].device_kind}"
+    extra = {"trained_on": f"Keras {keras.__version__} on {where} (tools/gpu/train_gpu.py); log-mels packed as "
+                           f"uint8 steps of {META['step']:g} dB (tools/gpu/pack.py)"}
     card = train.run(args, log=lambda s: print(s, flush=True), records=META["records"], card_extra=extra)
     print("model", card.model_id, flush=True)
 
