@@ -149,10 +149,13 @@ class Trainer:
         self.versions = tuple(versions)
         self.train_versions = [[] for _ in fit_records]
         self.train_version_starts = [[] for _ in fit_records]  # per version, as train_starts per clip
+        self.train_version_samples = [[] for _ in fit_records]  # per version, as train_samples per clip
         if self.versions:
             t = time.time()
             made = dataset.prepare_versions(fit_records, self.versions, version_dir, self.cache, workers, log)
-            self.train_versions = [[self.cache.get(p)[0] for p in made[r.path].values()] for r in fit_records]
+            cached = [[self.cache.get(p) for p in made[r.path].values()] for r in fit_records]
+            self.train_versions = [[mel for mel, _ in clip] for clip in cached]
+            self.train_version_samples = [[n for _, n in clip] for clip in cached]
             self.train_version_starts = [[self.cache.part_starts(p) for p in made[r.path].values()] for r in fit_records]
             self.log(f"{sum(map(len, self.train_versions))} codec versions ready in {time.time() - t:.0f} s")
         self.teacher = None

@@ -29,7 +29,8 @@ META_KEYS = ("n_windows", "train_records", "val_records", "unlabelled", "genres"
 
 
 def quantise(mel: np.ndarray, n_samples: int, step: float) -> dict:
-    """uint8 steps below the array's maximum; a looped short clip keeps one period of its loop."""
+    """uint8 steps below the array's maximum (a log-mel, or a stack of windows); a looped short clip
+    keeps one period of its loop."""
     top = float(mel.max())
     period = None
     if n_samples < WINDOW_SAMPLES:
@@ -56,18 +57,15 @@ def pack(data, argv, out: Path, step=1.0, preset=6, call_mib=55.0, log=print) ->
     versions = train._names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
     tr = train.Trainer(records, args.cache, n_windows=args.windows, log=log, versions=versions,
                        version_dir=args.version_cache, teacher=args.teacher, teacher_dir=args.teacher_cache)
-    fit = tr.train_records
-    made = dataset.prepare_versions(fit, tr.versions, args.version_cache, tr.cache, 2, log) if versions else {}
-    ver_n = [[tr.cache.get(p)[1] for p in made[r.path].values()] if versions else [] for r in fit]
     meta = {k: getattr(tr, k) for k in META_KEYS}
     meta.update(records=records, data=[str(d) for d in data], step=step,
                 n_versions=[len(v) for v in tr.train_versions],
-                val_q=[np.clip(np.round((float(w.max()) - w) / step), 0, 255).astype(np.uint8) for w in tr.val_windows],
-                val_top=[float(w.max()) for w in tr.val_windows])
+                val=[quantise(w, WINDOW_SAMPLES, step) for w in tr.val_windows])  # whole windows: nothing looped
     blobs = [("meta.xz", lzma.compress(pickle.dumps(meta, protocol=5), preset=preset))]
     arrays, size = [], 0
     items = [(("mel", i, -1), mel, tr.train_samples[i]) for i, mel in enumerate(tr.train_mels)]
-    items += [(("ver", i, j), v, ver_n[i][j]) for i, vs in enumerate(tr.train_versions) for j, v in enumerate(vs)]
+    items += [(("ver", i, j), v, tr.train_version_samples[i][j])
+              for i, vs in enumerate(tr.train_versions) for j, v in enumerate(vs)]
     for n, ((kind, i, j), mel, n_samples) in enumerate(items, 1):
         a = quantise(mel, n_samples, step)
         arrays.append((kind, i, j, a))

@@ -108,8 +108,7 @@ class PackedTrainer(train.Trainer):
             raise SystemExit(f"packed with versions {self.versions}, asked for {tuple(versions)}")
         if not teacher:
             self.teacher, self.tag_names, self.teacher_dim = None, [], 0
-        self.val_windows = [np.float32(t) - q.astype(np.float32) * np.float32(step)
-                            for q, t in zip(META["val_q"], META["val_top"])]
+        self.val_windows = [restore(a, step) for a in META["val"]]
         log(f"packed data: {len(self.train_mels)} train clips, {sum(map(len, self.train_versions))} codec versions, "
             f"{len(self.val_windows)} val clips")
 
