@@ -115,7 +115,12 @@ def to_onnx(net):
                                       linear_before_reset=1))
         if j == 0:  # (T, 1, b, u) -> (T, b, u): the whole sequence feeds gru2
             nodes.append(helper.make_node("Squeeze", ["gru1_y", "ax1"], ["h1"]))
-    nodes.append(helper.make_node("Squeeze", ["gru2_yh", "ax0"], ["embedding"]))
+    if "projection" in layer:  # crnn-wccn's map after the last GRU: the embedding is its output
+        nodes.append(helper.make_node("Squeeze", ["gru2_yh", "ax0"], ["gru2_h"]))
+        proj = np.asarray(layer["projection"].get_weights()[0], np.float32)
+        nodes.append(helper.make_node("MatMul", ["gru2_h", const("projection_w", proj)], ["embedding"]))
+    else:
+        nodes.append(helper.make_node("Squeeze", ["gru2_yh", "ax0"], ["embedding"]))
     outputs = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", units])]
     for head in ("genres", "tags"):
         if head not in layer:

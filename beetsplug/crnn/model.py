@@ -220,13 +220,17 @@ class ModelCard:
 _CARD_KEYS = {"format", "model_id", "genres", "weights", "sha256", "architecture", "features", "tags", "onnx"}
 
 
-def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout=0.1, frames=WINDOW_FRAMES, n_tags=0):
+def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout=0.1, frames=WINDOW_FRAMES, n_tags=0,
+          projection=False):
     """The paper's CRNN. Returns a Keras model mapping model input (b, 96, frames, 1) to (embedding, probs).
 
     ``frames=None`` takes inputs of any length (training on short crops); the weights are the same.
 
     With ``n_tags`` a second sigmoid head on the same embedding predicts a teacher's tags
     (distillation); the outputs are then (embedding, probs, tags).
+
+    With ``projection`` a square linear map follows the last GRU (``wccn`` fits it so that versions
+    of a clip land together); the embedding is its output, and the heads read that.
     """
     import_tensorflow()
     import keras
@@ -248,6 +252,8 @@ def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout
     x = layers.Reshape((-1 if steps is None else steps, width), name="to_sequence")(x)
     x = layers.GRU(int(gru_units), return_sequences=True, name="gru1")(x)
     emb = layers.GRU(int(gru_units), name="gru2")(x)
+    if projection:
+        emb = layers.Dense(int(gru_units), use_bias=False, name="projection")(emb)
     probs = layers.Dense(n_genres, activation="sigmoid", name="genres")(emb)
     outputs = [emb, probs]
     if n_tags:
@@ -258,7 +264,7 @@ def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout
 def build_for(card: ModelCard):
     arch = card.architecture
     return build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch.get("dropout", 0.1),
-                 n_tags=len(card.tags))
+                 n_tags=len(card.tags), projection=bool(arch.get("projection")))
 
 
 def l2_normalise(v: np.ndarray, axis=-1) -> np.ndarray:

@@ -381,7 +381,7 @@ class Trainer:
         if not 0.0 < short_share <= 1.0:
             raise CrnnError("--short-share is the share of short clips' crops that are short: above 0, at most 1")
         full = build(len(self.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"], n_tags=n_tags,
-                     frames=None if short_frames else WINDOW_FRAMES)
+                     frames=None if short_frames else WINDOW_FRAMES, projection=bool(arch.get("projection")))
         if card is not None:
             try:
                 fresh = set() if card.genres == self.genres else {"genres"}
@@ -391,7 +391,7 @@ class Trainer:
                     full.load_weights(str(card.weights))
                 else:  # a head differs: take every layer the two models share, the rest start afresh
                     start = build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch["dropout"],
-                                  n_tags=len(card.tags))
+                                  n_tags=len(card.tags), projection=bool(arch.get("projection")))
                     start.load_weights(str(card.weights))
                     for layer in full.layers:
                         if layer.name not in fresh and layer.weights:

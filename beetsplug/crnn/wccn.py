@@ -1,0 +1,224 @@
+"""Make versions of a clip land together: ``crnn-wccn DATA... --model DIR --out DIR``.
+
+Why: the trained CRNN's embedding still moves a little with the file (the same music louder
+into a limiter, low-passed, re-encoded), and in some directions of the 68-d space those moves
+are as large as the differences between tracks, so a track's nearest neighbours can be other
+tracks rather than its own other copies. Within-class covariance normalisation (WCCN, from
+speaker verification) measures how each train window's embedding scatters over its versions
+(codec versions and log-mel edits, as training makes them) and divides that scatter out:
+the embedding becomes ``h @ P`` with ``P = (S_w + shrink * mean variance * I)^(-1/2)``, a new
+linear layer after the last GRU ("projection" in the card's architecture).
+
+The genre and tag heads are folded through ``P^-1``, so every genre and tag output is the
+model's own to round-off: only distances between embeddings (similarity, the index) change,
+and with them the model id. It takes minutes on a CPU; no layer is trained. Test splits
+never reach it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import augment, dataset
+from .audio import DEFAULT_WINDOWS
+from .errors import CrnnError
+from .features import model_input
+from .model import ModelCard, build_for, import_tensorflow
+
+DEFAULT_EDITS = ("compress", "lowpass", "tilt", "noise")
+DEFAULT_COPIES = 2
+DEFAULT_SHRINK = 0.1
+
+
+def within_scatter(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Mean outer product of each row's deviation from its group's mean (the within-group covariance)."""
+    X = np.asarray(X, np.float64)
+    groups = np.asarray(groups)
+    _, inverse = np.unique(groups, return_inverse=True)
+    means = np.zeros((inverse.max() + 1, X.shape[1]))
+    np.add.at(means, inverse, X)
+    means /= np.bincount(inverse)[:, None]
+    D = X - means[inverse]
+    return D.T @ D / len(X)
+
+
+def projection(scatter: np.ndarray, shrink: float = DEFAULT_SHRINK) -> np.ndarray:
+    """``(S_w + shrink * mean(diag S_w) * I)^(-1/2)``, scaled to a mean gain of 1 (trace = d).
+
+    ``shrink`` pulls the map towards the identity: directions no version moves are not blown up
+    by the inverse of a variance near zero.
+    """
+    S = np.asarray(scatter, np.float64)
+    d = len(S)
+    if shrink < 0:
+        raise CrnnError("--shrink is at least 0")
+    w, U = np.linalg.eigh(S + shrink * np.trace(S) / d * np.eye(d))
+    if w.min() <= 0:
+        raise CrnnError("the within-clip scatter is singular: use more clips, versions or --shrink")
+    P = U @ np.diag(w ** -0.5) @ U.T
+    return P * (d / np.trace(P))
+
+
+class Versions:
+    """Train windows as they are, as each codec version and under log-mel edits, grouped per window."""
+
+    def __init__(self, records, cache_dir, versions=augment.TRAIN_VERSIONS, version_dir=None, edits=DEFAULT_EDITS,
+                 copies=DEFAULT_COPIES, edit_p=0.5, splits=("train",), n_windows=DEFAULT_WINDOWS, seed=0, workers=2,
+                 log=print):
+        if "test" in splits:
+            raise CrnnError("a test split never reaches training: fit on train (and val) only")
+        self.records = [r for r in records if r.split in splits]
+        if not self.records:
+            raise CrnnError(f"no records in split(s) {', '.join(splits)}")
+        self.cache = dataset.MelCache(cache_dir)
+        self.versions, self.version_dir = tuple(versions), version_dir
+        self.augmenter = augment.MelAugmenter(edits, edit_p) if edits and copies else None
+        self.copies = int(copies) if self.augmenter else 0
+        if not self.versions and not self.copies:
+            raise CrnnError("nothing to compare a window with: name codec versions or log-mel edits")
+        self.n_windows, self.seed, self.workers, self.log = n_windows, seed, workers, log
+
+    def embeddings(self, embed_raw) -> tuple[np.ndarray, np.ndarray]:
+        """(raw embeddings (n, d), group of each row): one group per window of a clip, over its files and copies.
+
+        ``embed_raw`` maps log-mel windows (k, 96, 1366) to the model's embedding before normalisation.
+        """
+        self.cache.fill(self.records, workers=self.workers)
+        made = (dataset.prepare_versions(self.records, self.versions, self.version_dir, self.cache, self.workers,
+                                         self.log) if self.versions else {})
+        rng = np.random.default_rng(self.seed)
+        X, groups, t = [], [], time.time()
+        for i, r in enumerate(self.records):
+            for f in [Path(r.path)] + [Path(p) for p in made.get(r.path, {}).values()]:
+                windows = self.cache.serving(f, self.n_windows)
+                batch = [windows] + [np.stack([self.augmenter(w, rng) for w in windows]) for _ in range(self.copies)]
+                X.append(embed_raw(np.concatenate(batch)))
+                groups.append(np.tile(i * self.n_windows + np.arange(len(windows)), 1 + self.copies))
+            if (i + 1) % 50 == 0 or i + 1 == len(self.records):
+                self.log(f"wccn: embedded {i + 1} of {len(self.records)} clips ({time.time() - t:.0f} s)")
+        return np.concatenate(X), np.concatenate(groups)
+
+
+def raw_embedder(model, batch_size=8):
+    """Log-mel windows -> the model's embedding before normalisation."""
+    tf = import_tensorflow()
+
+    @tf.function(reduce_retracing=True)
+    def infer(x):
+        return model(x, training=False)[0]
+
+    def embed(mels: np.ndarray) -> np.ndarray:
+        x = model_input(mels)[..., None]
+        return np.concatenate([infer(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
+
+    return embed
+
+
+def projected(card: ModelCard, P: np.ndarray, architecture: dict):
+    """The card's model with ``P`` after its last GRU and its heads folded through ``P^-1`` (same outputs)."""
+    old = build_for(card)
+    old.load_weights(str(card.weights))
+    new = build_for(ModelCard(card.model_id, card.genres, card.weights, card.sha256, architecture, tags=card.tags))
+    for layer in old.layers:
+        if layer.weights:
+            new.get_layer(layer.name).set_weights(layer.get_weights())
+    new.get_layer("projection").set_weights([P.astype(np.float32)])
+    inverse = np.linalg.inv(np.asarray(P, np.float64))
+    for head in ("genres", "tags"):
+        if any(layer.name == head for layer in new.layers):
+            kernel, bias = new.get_layer(head).get_weights()
+            new.get_layer(head).set_weights([(inverse @ kernel).astype(np.float32), bias])
+    return new
+
+
+def model_prefix(model_id: str) -> str:
+    """"crnn-emotify-gtzan-79f1de974f" -> "crnn-emotify-gtzan": the new model keeps its family name."""
+    head, _, tail = model_id.rpartition("-")
+    return head if head and len(tail) == 10 and all(c in "0123456789abcdef" for c in tail) else model_id
+
+
+def run(args, log=print) -> ModelCard:
+    from .train import _names, save_model
+
+    card = ModelCard.load(args.model)
+    card.verify()
+    if card.architecture.get("projection"):
+        raise CrnnError(f"model {card.model_id} has a projection already: fit one on the model it was made from")
+    if Path(args.out).resolve() == card.weights.parent.resolve():
+        raise CrnnError("--out must be another folder than the model's own (the result is a new model)")
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
+    edits = _names(args.augment, augment.MEL_EDITS, DEFAULT_EDITS, what="augmentation")
+    data = Versions(dataset.read_sources(args.data), args.cache, versions, args.version_cache, edits, args.copies,
+                    args.augment_p, splits, args.windows, args.seed, log=log)
+    model = build_for(card)
+    model.load_weights(str(card.weights))
+    t = time.time()
+    X, groups = data.embeddings(raw_embedder(model))
+    P = projection(within_scatter(X, groups), args.shrink)
+    arch = dict(card.architecture, projection="wccn")
+    new_model = projected(card, P, arch)
+    extra = copy.deepcopy(card.extra)
+    extra.pop("metrics", None)  # measured on the old embedding: crnn-eval --update-card measures this one
+    extra["wccn"] = {
+        "from": card.model_id,
+        "command": " ".join(["python -m beetsplug.crnn.wccn"] + [shlex.quote(a) for a in sys.argv[1:]]),
+        "data": [str(d) for d in args.data],
+        "splits": list(splits),
+        "clips": len(data.records),
+        "rows": int(len(X)),
+        "groups": int(len(np.unique(groups))),
+        "codec_versions": list(versions),
+        "log_mel_edits": {"edits": list(edits), "p": args.augment_p, "copies": data.copies} if data.copies else None,
+        "shrink": args.shrink,
+        "heads": "folded through the inverse projection: genre and tag outputs unchanged",
+        "seed": args.seed,
+        "minutes": round((time.time() - t) / 60, 1),
+    }
+    new = save_model(new_model, args.out, card.genres, arch, extra, name=model_prefix(card.model_id), tags=card.tags,
+                     log=log)
+    log(f"wrote {new.weights} (model id {new.model_id}: {card.model_id} with a WCCN projection)")
+    return new
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crnn-wccn", description=__doc__.split("\n\n")[0])
+    p.add_argument("data", nargs="+", help="labelled sets (manifest CSV or folder) whose train split is measured")
+    p.add_argument("--model", default=None, help="the model to project (default: the shipped model)")
+    p.add_argument("--out", required=True, help="folder for the new model")
+    p.add_argument("--splits", default="train", help="comma-separated splits to measure (never test)")
+    p.add_argument("--versions", default="default",
+                   help=f"codec versions of each clip ({', '.join(augment.CODEC_VERSIONS)}; default: "
+                        f"{', '.join(augment.TRAIN_VERSIONS)}; none: '')")
+    p.add_argument("--augment", default="default",
+                   help=f"log-mel edits ({', '.join(augment.MEL_EDITS)}; default: {', '.join(DEFAULT_EDITS)}; none: '')")
+    p.add_argument("--augment-p", type=float, default=0.5, help="probability of each log-mel edit per copy")
+    p.add_argument("--copies", type=int, default=DEFAULT_COPIES, help="edited copies of each file's windows")
+    p.add_argument("--shrink", type=float, default=DEFAULT_SHRINK,
+                   help="pull towards the identity, as a share of the mean within-clip variance")
+    p.add_argument("--cache", default=str(Path(".cache") / "mels"), help="log-mel cache folder")
+    p.add_argument("--version-cache", default=str(Path(".cache") / "versions"), help="folder for codec versions")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip, as crnnembed analyses")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except CrnnError as exc:
+        print(f"crnn-wccn: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

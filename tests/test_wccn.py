@@ -1,0 +1,117 @@
+"""crnn-wccn: a projection after the last GRU that divides out how versions of a window scatter."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from audiogen import has_ffmpeg
+from beetsplug.crnn import dataset, wccn
+from beetsplug.crnn.errors import CrnnError
+from beetsplug.crnn.model import Embedder, ModelCard
+from conftest import make_model
+from test_training_data import _labelled_set
+
+
+def test_within_scatter_by_hand():
+    X = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0], [5.0, 5.0]])
+    groups = np.array([7, 7, 2, 2, 9])  # deviations: (-1,0), (1,0), (0,-1), (0,1), (0,0)
+    np.testing.assert_allclose(wccn.within_scatter(X, groups), np.eye(2) * 2 / 5)
+
+
+def test_projection_shrinks_the_direction_versions_move_in():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((100, 6))  # 100 windows, each seen as 4 versions
+    X = np.repeat(centres, 4, axis=0)
+    X[:, 0] += 2.0 * rng.standard_normal(len(X))  # versions move along axis 0 only, and far
+    X[:, 1:] += 0.01 * rng.standard_normal((len(X), 5))
+    groups = np.repeat(np.arange(100), 4)
+    P = wccn.projection(wccn.within_scatter(X, groups), shrink=0.1)
+    np.testing.assert_allclose(P, P.T, atol=1e-12)
+    assert np.trace(P) == pytest.approx(6)
+    gains = np.linalg.norm(P, axis=0)
+    assert gains[0] < 0.2 * gains[1:].min()
+    # Versions of one window are now nearer each other than to other windows' versions.
+    Z = X @ P
+    Z /= np.linalg.norm(Z, axis=1, keepdims=True)
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+
+    def same_window_rate(V):
+        S = V @ V.T
+        np.fill_diagonal(S, -np.inf)
+        return np.mean(groups[np.argmax(S, axis=1)] == groups)
+
+    assert same_window_rate(Z) > same_window_rate(U) + 0.2
+    # More shrinkage, nearer the identity (up to scale).
+    P_far = wccn.projection(wccn.within_scatter(X, groups), shrink=100.0)
+    np.testing.assert_allclose(P_far / P_far[1, 1], np.eye(6), atol=0.05)
+    with pytest.raises(CrnnError, match="singular"):
+        wccn.projection(np.zeros((6, 6)), shrink=0.0)
+
+
+@pytest.mark.slow
+def test_wccn_keeps_every_output_and_moves_only_the_embedding(tmp_path):
+    a = _labelled_set(tmp_path / "setA", ["rock", "pop"], seconds=2.0)
+    b = _labelled_set(tmp_path / "setB", ["jazz", "rock"], seconds=2.0)
+    old = make_model(tmp_path / "old", genres=["jazz", "pop", "rock"])
+    records = dataset.read_sources([a, b])
+    versions = "mp3-64k" if has_ffmpeg() else ""
+    args = wccn.build_parser().parse_args([str(a), str(b), "--model", str(old.weights.parent), "--out",
+                                           str(tmp_path / "new"), "--copies", "1", "--versions", versions,
+                                           "--cache", str(tmp_path / "mels"), "--version-cache",
+                                           str(tmp_path / "versions")])
+    seen = []
+    real = wccn.Versions.embeddings
+
+    def spy(self, embed_raw):
+        seen.extend(self.records)
+        return real(self, embed_raw)
+
+    wccn.Versions.embeddings = spy
+    try:
+        new = wccn.run(args, log=lambda m: None)
+    finally:
+        wccn.Versions.embeddings = real
+    assert {r.split for r in seen} == {"train"}  # test (and val) clips never reach it
+    assert len(seen) == sum(r.split == "train" for r in records)
+
+    card = ModelCard.load(tmp_path / "new")
+    assert card.model_id == new.model_id != old.model_id and card.model_id.startswith("test-")
+    assert card.architecture == dict(old.architecture, projection="wccn") and card.onnx
+    info = json.loads((tmp_path / "new" / "crnn.json").read_text())["wccn"]
+    assert info["from"] == old.model_id and info["splits"] == ["train"]
+    files = 1 + (1 if versions else 0)
+    assert info["rows"] == len(seen) * files * 2 and info["groups"] == len(seen)  # one window per clip, 2 copies
+
+    # Genre outputs are the old model's; the embedding is the old raw embedding times P.
+    cache = dataset.MelCache(tmp_path / "mels")
+    windows = np.concatenate([cache.serving(r.path, 1) for r in records])
+    e_old, p_old = Embedder(old)(windows)
+    e_new, p_new = Embedder(card)(windows)
+    np.testing.assert_allclose(p_new, p_old, atol=1e-5)
+    P = Embedder(card).model.get_layer("projection").get_weights()[0]
+    raw_old = wccn.raw_embedder(Embedder(old).model)(windows)
+    want = raw_old @ P
+    np.testing.assert_allclose(e_new, want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-4)
+    assert np.max(np.abs(e_new - e_old)) > 1e-3
+
+    # A projected model is not projected again, and never into its own folder.
+    args.model, args.out = str(tmp_path / "new"), str(tmp_path / "again")
+    with pytest.raises(CrnnError, match="has a projection already"):
+        wccn.run(args, log=lambda m: None)
+
+
+def test_wccn_refuses_test_splits_its_own_folder_and_nothing_to_compare(tmp_path):
+    a = _labelled_set(tmp_path / "setA", ["rock", "pop"], with_audio=False)
+    old = make_model(tmp_path / "old", genres=["pop", "rock"])
+    records = dataset.read_sources([a])
+    with pytest.raises(CrnnError, match="test split never"):
+        wccn.Versions(records, tmp_path / "mels", splits=("train", "test"))
+    with pytest.raises(CrnnError, match="nothing to compare"):
+        wccn.Versions(records, tmp_path / "mels", versions=(), copies=0)
+    args = wccn.build_parser().parse_args([str(a), "--model", str(old.weights.parent), "--out",
+                                           str(old.weights.parent)])
+    with pytest.raises(CrnnError, match="another folder"):
+        wccn.run(args, log=lambda m: None)
