@@ -217,6 +217,9 @@ def main(argv=None) -> int:
     except CrnnError as exc:
         print(f"crnn-wccn: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the model is written only at the end: nothing half-written is left
+        print("crnn-wccn: interrupted; no model written", file=sys.stderr)
+        return 130
     return 0
 
 
