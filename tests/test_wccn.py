@@ -102,6 +102,16 @@ def test_wccn_keeps_every_output_and_moves_only_the_embedding(tmp_path):
     with pytest.raises(CrnnError, match="has a projection already"):
         wccn.run(args, log=lambda m: None)
 
+    # Training can start from it (as beet crnntrain starts from the shipped model): the layer is kept.
+    from beetsplug.crnn import train
+
+    targs = train.build_parser().parse_args([str(a), str(b), "--out", str(tmp_path / "tuned"), "--cache",
+                                             str(tmp_path / "mels"), "--epochs", "1", "--max-steps", "1",
+                                             "--init-from", str(tmp_path / "new"), "--name", "tuned"])
+    tuned = train.run(targs, log=lambda m: None)
+    assert tuned.architecture.get("projection") == "wccn" and tuned.onnx
+    Embedder(tuned)(windows[:1])
+
 
 def test_wccn_refuses_test_splits_its_own_folder_and_nothing_to_compare(tmp_path):
     a = _labelled_set(tmp_path / "setA", ["rock", "pop"], with_audio=False)
