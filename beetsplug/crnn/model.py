@@ -348,11 +348,16 @@ class Embedder:
 
     def analyse(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Log-mels -> (unit embeddings, genre probabilities, tag probabilities or None)."""
+        return _gather(self._outputs(mels), bool(self.card.tags))
+
+    def raw_embeddings(self, mels: np.ndarray) -> np.ndarray:
+        """Log-mels -> the embedding as the model outputs it, before normalisation (what ``wccn`` measures)."""
+        return np.concatenate([o[0] for o in self._outputs(mels)]).astype(np.float32)
+
+    def _outputs(self, mels: np.ndarray) -> list:
         x = model_input(mels)
-        outs = []
-        for i in range(0, len(x), self.batch_size):
-            outs.append([o.numpy() for o in self._infer(x[i : i + self.batch_size, :, :, None])])
-        return _gather(outs, bool(self.card.tags))
+        return [[o.numpy() for o in self._infer(x[i : i + self.batch_size, :, :, None])]
+                for i in range(0, len(x), self.batch_size)]
 
 
 def _gather(outs, has_tags: bool):

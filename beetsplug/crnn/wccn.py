@@ -29,8 +29,7 @@ import numpy as np
 from . import augment, dataset
 from .audio import DEFAULT_WINDOWS
 from .errors import CrnnError
-from .features import model_input
-from .model import ModelCard, build_for, import_tensorflow
+from .model import Embedder, ModelCard, build_for
 
 DEFAULT_EDITS = ("compress", "lowpass", "tilt", "noise")
 DEFAULT_COPIES = 2
@@ -106,25 +105,9 @@ class Versions:
         return np.concatenate(X), np.concatenate(groups)
 
 
-def raw_embedder(model, batch_size=8):
-    """Log-mel windows -> the model's embedding before normalisation."""
-    tf = import_tensorflow()
-
-    @tf.function(reduce_retracing=True)
-    def infer(x):
-        return model(x, training=False)[0]
-
-    def embed(mels: np.ndarray) -> np.ndarray:
-        x = model_input(mels)[..., None]
-        return np.concatenate([infer(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)])
-
-    return embed
-
-
-def projected(card: ModelCard, P: np.ndarray, architecture: dict):
-    """The card's model with ``P`` after its last GRU and its heads folded through ``P^-1`` (same outputs)."""
-    old = build_for(card)
-    old.load_weights(str(card.weights))
+def projected(card: ModelCard, old, P: np.ndarray, architecture: dict):
+    """``old`` (the card's loaded model) with ``P`` after its last GRU and its heads folded through ``P^-1``
+    (same outputs)."""
     new = build_for(ModelCard(card.model_id, card.genres, card.weights, card.sha256, architecture, tags=card.tags))
     for layer in old.layers:
         if layer.weights:
@@ -158,13 +141,12 @@ def run(args, log=print) -> ModelCard:
     edits = _names(args.augment, augment.MEL_EDITS, DEFAULT_EDITS, what="augmentation")
     data = Versions(dataset.read_sources(args.data), args.cache, versions, args.version_cache, edits, args.copies,
                     args.augment_p, splits, args.windows, args.seed, log=log)
-    model = build_for(card)
-    model.load_weights(str(card.weights))
+    embedder = Embedder(card)
     t = time.time()
-    X, groups = data.embeddings(raw_embedder(model))
+    X, groups = data.embeddings(embedder.raw_embeddings)
     P = projection(within_scatter(X, groups), args.shrink)
     arch = dict(card.architecture, projection="wccn")
-    new_model = projected(card, P, arch)
+    new_model = projected(card, embedder.model, P, arch)
     extra = copy.deepcopy(card.extra)
     extra.pop("metrics", None)  # measured on the old embedding: crnn-eval --update-card measures this one
     extra["wccn"] = {
