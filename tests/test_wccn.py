@@ -79,6 +79,7 @@ def test_wccn_keeps_every_output_and_moves_only_the_embedding(tmp_path):
 
     card = ModelCard.load(tmp_path / "new")
     assert card.model_id == new.model_id != old.model_id and card.model_id.startswith("test-")
+    assert card.extra["name"] == "test"  # the family name, recorded for the next model made from this one
     assert card.architecture == dict(old.architecture, projection="wccn") and card.onnx
     info = json.loads((tmp_path / "new" / "crnn.json").read_text())["wccn"]
     assert info["from"] == old.model_id and info["splits"] == ["train"]
@@ -110,7 +111,21 @@ def test_wccn_keeps_every_output_and_moves_only_the_embedding(tmp_path):
                                              "--init-from", str(tmp_path / "new"), "--name", "tuned"])
     tuned = train.run(targs, log=lambda m: None)
     assert tuned.architecture.get("projection") == "wccn" and tuned.onnx
+    assert tuned.model_id.startswith("tuned-") and wccn.family_name(ModelCard.load(tmp_path / "tuned")) == "tuned"
     Embedder(tuned)(windows[:1])
+
+
+def test_family_name_from_the_card_or_else_the_model_id(tmp_path):
+    card = make_model(tmp_path / "m", genres=["pop", "rock"])
+    assert wccn.family_name(card) == "test"
+    card.extra.pop("name")
+    card.model_id = "crnn-emotify-gtzan-79f1de974f"
+    assert wccn.family_name(card) == "crnn-emotify-gtzan"  # a card from before the name was recorded
+    card.extra["name"] = "mine-0123456789"  # a --name that itself ends like a hash is kept whole
+    assert wccn.family_name(card) == "mine-0123456789"
+    del card.extra["name"]
+    card.model_id = "handmade"
+    assert wccn.family_name(card) == "handmade"
 
 
 def test_wccn_refuses_test_splits_its_own_folder_and_nothing_to_compare(tmp_path):

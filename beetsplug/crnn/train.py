@@ -588,6 +588,7 @@ def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), l
     full_model.save_weights(str(tmp))
     tmp.replace(weights)
     sha = sha256_of(weights)
+    extra = dict(extra, name=name)  # the family name, kept by models made from this one (crnn-wccn)
     card = ModelCard(model_id=f"{name}-{sha[:10]}", genres=list(genres), weights=weights, sha256=sha,
                      architecture=dict(arch), extra=extra, tags=list(tags))
     try:

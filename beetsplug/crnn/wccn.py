@@ -121,10 +121,15 @@ def projected(card: ModelCard, old, P: np.ndarray, architecture: dict):
     return new
 
 
-def model_prefix(model_id: str) -> str:
-    """"crnn-emotify-gtzan-79f1de974f" -> "crnn-emotify-gtzan": the new model keeps its family name."""
-    head, _, tail = model_id.rpartition("-")
-    return head if head and len(tail) == 10 and all(c in "0123456789abcdef" for c in tail) else model_id
+def family_name(card: ModelCard) -> str:
+    """The ``--name`` the card's model was trained under ("crnn-emotify-gtzan"): the new model keeps it.
+
+    Cards written before the name was recorded give it back from the model id, less its hash.
+    """
+    if card.extra.get("name"):
+        return str(card.extra["name"])
+    head, _, tail = card.model_id.rpartition("-")
+    return head if head and len(tail) == 10 and all(c in "0123456789abcdef" for c in tail) else card.model_id
 
 
 def run(args, log=print) -> ModelCard:
@@ -164,7 +169,7 @@ def run(args, log=print) -> ModelCard:
         "seed": args.seed,
         "minutes": round((time.time() - t) / 60, 1),
     }
-    new = save_model(new_model, args.out, card.genres, arch, extra, name=model_prefix(card.model_id), tags=card.tags,
+    new = save_model(new_model, args.out, card.genres, arch, extra, name=family_name(card), tags=card.tags,
                      log=log)
     log(f"wrote {new.weights} (model id {new.model_id}: {card.model_id} with a WCCN projection)")
     return new
