@@ -666,7 +666,7 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="batches per epoch at most (smoke tests)")
     p.add_argument("--no-recalibrate", action="store_true",
                    help="keep Keras' running batch-norm statistics instead of recomputing them each epoch")
-    p.add_argument("--name", default="crnn", help="prefix of the model id")
+    p.add_argument("--name", default="crnn", help="prefix of the model id (kept in the card as its name)")
     return p
 
 
