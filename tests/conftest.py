@@ -18,8 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
 
 
-def make_model(folder, genres=GENRES, conv_filters=(8, 12, 12, 12), gru_units=8, seed=0):
-    """A small, randomly initialised CRNN with a valid card: enough to exercise every code path fast."""
+def make_model(folder, genres=GENRES, conv_filters=(8, 12, 12, 12), gru_units=8, seed=0, tags=()):
+    """A small, randomly initialised CRNN with a valid card: enough to exercise every code path fast
+    (with ``tags``, a tag head too)."""
     from beetsplug.crnn.model import build
     from beetsplug.crnn.train import save_model
 
@@ -27,9 +28,9 @@ def make_model(folder, genres=GENRES, conv_filters=(8, 12, 12, 12), gru_units=8,
 
     keras.utils.set_random_seed(seed)
     arch = {"conv_filters": list(conv_filters), "gru_units": gru_units, "dropout": 0.1}
-    net = build(len(genres), conv_filters, gru_units)
+    net = build(len(genres), conv_filters, gru_units, n_tags=len(tags))
     return save_model(net, folder, genres, arch, {"training": {"note": "random weights made by the test suite"}},
-                      name="test")
+                      name="test", tags=tags)
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,28 @@ def test_projection_shrinks_the_direction_versions_move_in():
         wccn.projection(np.zeros((6, 6)), shrink=0.0)
 
 
+def test_projected_replaces_a_projection_and_keeps_every_output(tmp_path):
+    card = make_model(tmp_path / "m", genres=["pop", "rock"], tags=["loud", "calm"])
+    base = Embedder(card).model
+    rng = np.random.default_rng(1)
+
+    def spd():
+        A = rng.standard_normal((8, 8))
+        return A @ A.T + 8 * np.eye(8)
+
+    arch = dict(card.architecture, projection="wccn")
+    once = wccn.projected(card, base, spd(), arch)
+    P2 = spd()
+    twice = wccn.projected(card, once, P2, arch)  # as crnn-consistency refits a tuned, projected model
+    x = rng.standard_normal((2, 96, 1366, 1)).astype(np.float32)
+    (e0, p0, t0), (_, p1, t1), (e2, p2, t2) = [[o.numpy() for o in m(x, training=False)] for m in (base, once, twice)]
+    for p in (p1, p2):
+        np.testing.assert_allclose(p, p0, atol=1e-5)
+    for t in (t1, t2):
+        np.testing.assert_allclose(t, t0, atol=1e-5)
+    np.testing.assert_allclose(e2, e0 @ P2, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_wccn_keeps_every_output_and_moves_only_the_embedding(tmp_path):
     a = _labelled_set(tmp_path / "setA", ["rock", "pop"], seconds=2.0)

@@ -74,6 +74,7 @@ class Versions:
         if "test" in splits:
             raise CrnnError("a test split never reaches training: fit on train (and val) only")
         self.records = [r for r in records if r.split in splits]
+        self.splits = tuple(splits)
         if not self.records:
             raise CrnnError(f"no records in split(s) {', '.join(splits)}")
         self.cache = dataset.MelCache(cache_dir)
@@ -84,40 +85,64 @@ class Versions:
             raise CrnnError("nothing to compare a window with: name codec versions or log-mel edits")
         self.n_windows, self.seed, self.workers, self.log = n_windows, seed, workers, log
 
+    def describe(self) -> dict:
+        """What the card says about these rows."""
+        return {
+            "splits": list(self.splits),
+            "clips": len(self.records),
+            "codec_versions": list(self.versions),
+            "log_mel_edits": ({"edits": list(self.augmenter.edits), "p": self.augmenter.p, "copies": self.copies}
+                              if self.copies else None),
+        }
+
     def embeddings(self, embed_raw) -> tuple[np.ndarray, np.ndarray]:
         """(raw embeddings (n, d), group of each row): one group per window of a clip, over its files and copies.
 
         ``embed_raw`` maps log-mel windows (k, 96, 1366) to the model's embedding before normalisation.
         """
+        X, groups, _ = self.rows(embed_raw)
+        return X, groups
+
+    def rows(self, embed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(``embed`` of every row, group of each row, file of each row: 0 the clip, i its i-th codec version).
+
+        Group ``g`` is window ``g % n_windows`` of record ``g // n_windows``; a group's first row is
+        that window of the clip itself, unedited.
+        """
         self.cache.fill(self.records, workers=self.workers)
         made = (dataset.prepare_versions(self.records, self.versions, self.version_dir, self.cache, self.workers,
                                          self.log) if self.versions else {})
         rng = np.random.default_rng(self.seed)
-        X, groups, t = [], [], time.time()
+        X, groups, files, t = [], [], [], time.time()
         for i, r in enumerate(self.records):
-            for f in [Path(r.path)] + [Path(p) for p in made.get(r.path, {}).values()]:
+            these = [(0, Path(r.path))] + [(1 + self.versions.index(n), Path(p)) for n, p in made.get(r.path, {}).items()]
+            for j, f in these:
                 windows = self.cache.serving(f, self.n_windows)
                 batch = [windows] + [np.stack([self.augmenter(w, rng) for w in windows]) for _ in range(self.copies)]
-                X.append(embed_raw(np.concatenate(batch)))
+                X.append(embed(np.concatenate(batch)))
                 groups.append(np.tile(i * self.n_windows + np.arange(len(windows)), 1 + self.copies))
+                files.append(np.full(len(groups[-1]), j))
             if (i + 1) % 50 == 0 or i + 1 == len(self.records):
-                self.log(f"wccn: embedded {i + 1} of {len(self.records)} clips ({time.time() - t:.0f} s)")
-        return np.concatenate(X), np.concatenate(groups)
+                self.log(f"embedded {i + 1} of {len(self.records)} clips ({time.time() - t:.0f} s)")
+        return np.concatenate(X), np.concatenate(groups), np.concatenate(files)
 
 
 def projected(card: ModelCard, old, P: np.ndarray, architecture: dict):
     """``old`` (the card's loaded model) with ``P`` after its last GRU and its heads folded through ``P^-1``
-    (same outputs)."""
+    (same outputs). A projection ``old`` has already is replaced: the heads absorb it first."""
     new = build_for(ModelCard(card.model_id, card.genres, card.weights, card.sha256, architecture, tags=card.tags))
+    names = {layer.name for layer in old.layers}
+    before = (np.asarray(old.get_layer("projection").get_weights()[0], np.float64) if "projection" in names
+              else np.eye(len(P)))
     for layer in old.layers:
-        if layer.weights:
+        if layer.weights and layer.name != "projection":
             new.get_layer(layer.name).set_weights(layer.get_weights())
     new.get_layer("projection").set_weights([P.astype(np.float32)])
-    inverse = np.linalg.inv(np.asarray(P, np.float64))
+    fold = np.linalg.inv(np.asarray(P, np.float64)) @ before
     for head in ("genres", "tags"):
-        if any(layer.name == head for layer in new.layers):
+        if head in names:
             kernel, bias = new.get_layer(head).get_weights()
-            new.get_layer(head).set_weights([(inverse @ kernel).astype(np.float32), bias])
+            new.get_layer(head).set_weights([(fold @ kernel).astype(np.float32), bias])
     return new
 
 
@@ -132,20 +157,33 @@ def family_name(card: ModelCard) -> str:
     return head if head and len(tail) == 10 and all(c in "0123456789abcdef" for c in tail) else card.model_id
 
 
-def run(args, log=print) -> ModelCard:
-    from .train import _names, save_model
-
+def source_model(args) -> ModelCard:
+    """The card of ``--model``, checked, for a command that writes a new model into ``--out``."""
     card = ModelCard.load(args.model)
     card.verify()
-    if card.architecture.get("projection"):
-        raise CrnnError(f"model {card.model_id} has a projection already: fit one on the model it was made from")
     if Path(args.out).resolve() == card.weights.parent.resolve():
         raise CrnnError("--out must be another folder than the model's own (the result is a new model)")
+    return card
+
+
+def versions_from(args, log=print) -> Versions:
+    """The rows that ``add_version_arguments``'s options name."""
+    from .train import _names
+
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
     edits = _names(args.augment, augment.MEL_EDITS, DEFAULT_EDITS, what="augmentation")
-    data = Versions(dataset.read_sources(args.data), args.cache, versions, args.version_cache, edits, args.copies,
+    return Versions(dataset.read_sources(args.data), args.cache, versions, args.version_cache, edits, args.copies,
                     args.augment_p, splits, args.windows, args.seed, log=log)
+
+
+def run(args, log=print) -> ModelCard:
+    from .train import save_model
+
+    card = source_model(args)
+    if card.architecture.get("projection"):
+        raise CrnnError(f"model {card.model_id} has a projection already: fit one on the model it was made from")
+    data = versions_from(args, log)
     embedder = Embedder(card)
     t = time.time()
     X, groups = data.embeddings(embedder.raw_embeddings)
@@ -158,12 +196,9 @@ def run(args, log=print) -> ModelCard:
         "from": card.model_id,
         "command": " ".join(["python -m beetsplug.crnn.wccn"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "data": [str(d) for d in args.data],
-        "splits": list(splits),
-        "clips": len(data.records),
+        **data.describe(),
         "rows": int(len(X)),
         "groups": int(len(np.unique(groups))),
-        "codec_versions": list(versions),
-        "log_mel_edits": {"edits": list(edits), "p": args.augment_p, "copies": data.copies} if data.copies else None,
         "shrink": args.shrink,
         "heads": "folded through the inverse projection: genre and tag outputs unchanged",
         "seed": args.seed,
@@ -175,12 +210,12 @@ def run(args, log=print) -> ModelCard:
     return new
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crnn-wccn", description=__doc__.split("\n\n")[0])
-    p.add_argument("data", nargs="+", help="labelled sets (manifest CSV or folder) whose train split is measured")
-    p.add_argument("--model", default=None, help="the model to project (default: the shipped model)")
+def add_version_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The options naming a source model, a folder for the new one, and the rows (``Versions``) it is made from."""
+    p.add_argument("data", nargs="+", help="labelled sets (manifest CSV or folder) whose train split is used")
+    p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--out", required=True, help="folder for the new model")
-    p.add_argument("--splits", default="train", help="comma-separated splits to measure (never test)")
+    p.add_argument("--splits", default="train", help="comma-separated splits to use (never test)")
     p.add_argument("--versions", default="default",
                    help=f"codec versions of each clip ({', '.join(augment.CODEC_VERSIONS)}; default: "
                         f"{', '.join(augment.TRAIN_VERSIONS)}; none: '')")
@@ -188,26 +223,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"log-mel edits ({', '.join(augment.MEL_EDITS)}; default: {', '.join(DEFAULT_EDITS)}; none: '')")
     p.add_argument("--augment-p", type=float, default=0.5, help="probability of each log-mel edit per copy")
     p.add_argument("--copies", type=int, default=DEFAULT_COPIES, help="edited copies of each file's windows")
-    p.add_argument("--shrink", type=float, default=DEFAULT_SHRINK,
-                   help="pull towards the identity, as a share of the mean within-clip variance")
     p.add_argument("--cache", default=str(Path(".cache") / "mels"), help="log-mel cache folder")
     p.add_argument("--version-cache", default=str(Path(".cache") / "versions"), help="folder for codec versions")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip, as crnnembed analyses")
     p.add_argument("--seed", type=int, default=0)
+
+
+def command_main(prog: str, parser: argparse.ArgumentParser, run_command, argv=None) -> int:
+    """Run a model-writing command: one line and status 1 on a known error, 130 on Ctrl-C."""
+    args = parser.parse_args(argv)
+    try:
+        run_command(args)
+    except CrnnError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the model is written only at the end: nothing half-written is left
+        print(f"{prog}: interrupted; no model written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crnn-wccn", description=__doc__.split("\n\n")[0])
+    add_version_arguments(p, "the model to project (default: the shipped model)")
+    p.add_argument("--shrink", type=float, default=DEFAULT_SHRINK,
+                   help="pull towards the identity, as a share of the mean within-clip variance")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except CrnnError as exc:
-        print(f"crnn-wccn: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # the model is written only at the end: nothing half-written is left
-        print("crnn-wccn: interrupted; no model written", file=sys.stderr)
-        return 130
-    return 0
+    return command_main("crnn-wccn", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
