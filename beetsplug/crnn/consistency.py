@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import wccn
+from . import dataset, wccn
 from .errors import CrnnError
 from .features import model_input
-from .model import ModelCard, build_for, import_tensorflow, require_tensorflow
+from .model import ModelCard, build_for, import_tensorflow, l2_normalise, require_tensorflow
 
 FRONT_END = "to_sequence"  # the last frozen layer: conv stack output as a sequence over time
 # The sweep's best for agreement across versions (README); the labels overfit the train clips.
@@ -115,27 +115,22 @@ def _predict(model, X, batch=512) -> list:
 
 def labels(records, genres, groups, n_windows):
     """(targets, mask) per row: a row's clip genre(s), counted only over the genres its source labels."""
-    index = {g: i for i, g in enumerate(genres)}
-    per_source: dict = {}
+    from .train import _hot
+
     for r in records:
-        per_source.setdefault(r.source, set()).update((r.genre, *r.more))
-    y = np.zeros((len(records), len(genres)), np.float32)
-    mask = np.zeros_like(y)
-    for i, r in enumerate(records):
-        missing = [g for g in (r.genre, *r.more) if g not in index]
+        missing = [g for g in (r.genre, *r.more) if g not in genres]
         if missing:
             raise CrnnError(f"{r.path}: genre {missing[0]!r} is not one of the model's genres")
-        y[i, [index[g] for g in (r.genre, *r.more)]] = 1
-        mask[i, [index[g] for g in per_source[r.source] if g in index]] = 1
+    sets = dataset.label_sets(records)
+    mask = np.array([[g in sets[r.source] for g in genres] for r in records], np.float32)
     clip = groups // n_windows
-    return y[clip], mask[clip]
+    return _hot(records, genres)[clip], mask[clip]
 
 
 class Tuner:
     """Fine-tunes the top of ``model`` in place on front-end features grouped per window (first row: clean)."""
 
     def __init__(self, model, X, groups, y, mask, weights=None, lr=DEFAULT_LR, batch_groups=32, seed=0, log=print):
-        self.model = model
         self.top, self.raw = top_of(model)
         self.X, self.groups, self.y, self.mask = X, groups, y, mask
         self.weights = dict(DEFAULT_WEIGHTS, **(weights or {}))
@@ -147,7 +142,7 @@ class Tuner:
         first = np.unique(groups, return_index=True)[1]
         clean_of = np.searchsorted(groups[first], groups)  # row -> index of its group's clean row among ``first``
         outs = _predict(self.top, X[first])
-        self.e0, self.p0 = _unit(outs[0])[clean_of], outs[1][clean_of]
+        self.e0, self.p0 = l2_normalise(outs[0])[clean_of], outs[1][clean_of]
         self.t0 = outs[2][clean_of] if len(outs) > 2 else None
 
     def targets(self, rows) -> dict:
@@ -216,10 +211,6 @@ def loss_terms(outs, targets: dict) -> dict:
     if "t0" in targets:
         terms["tags"] = ops.mean(keras.losses.binary_crossentropy(targets["t0"], outs[2]))
     return terms
-
-
-def _unit(e):
-    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
 def run(args, log=print) -> ModelCard:
