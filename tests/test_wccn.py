@@ -85,17 +85,17 @@ def test_wccn_keeps_every_output_and_moves_only_the_embedding(tmp_path):
                                            "--cache", str(tmp_path / "mels"), "--version-cache",
                                            str(tmp_path / "versions")])
     seen = []
-    real = wccn.Versions.embeddings
+    real = wccn.Versions.rows
 
-    def spy(self, embed_raw):
+    def spy(self, embed):
         seen.extend(self.records)
-        return real(self, embed_raw)
+        return real(self, embed)
 
-    wccn.Versions.embeddings = spy
+    wccn.Versions.rows = spy
     try:
         new = wccn.run(args, log=lambda m: None)
     finally:
-        wccn.Versions.embeddings = real
+        wccn.Versions.rows = real
     assert {r.split for r in seen} == {"train"}  # test (and val) clips never reach it
     assert len(seen) == sum(r.split == "train" for r in records)
 

@@ -95,19 +95,13 @@ class Versions:
                               if self.copies else None),
         }
 
-    def embeddings(self, embed_raw) -> tuple[np.ndarray, np.ndarray]:
-        """(raw embeddings (n, d), group of each row): one group per window of a clip, over its files and copies.
-
-        ``embed_raw`` maps log-mel windows (k, 96, 1366) to the model's embedding before normalisation.
-        """
-        X, groups, _ = self.rows(embed_raw)
-        return X, groups
-
     def rows(self, embed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(``embed`` of every row, group of each row, file of each row: 0 the clip, i its i-th codec version).
 
-        Group ``g`` is window ``g % n_windows`` of record ``g // n_windows``; a group's first row is
-        that window of the clip itself, unedited.
+        ``embed`` maps log-mel windows (k, 96, 1366) to one array per window (the raw embedding,
+        or the conv features). One group per window of a clip, over its files and copies: group
+        ``g`` is window ``g % n_windows`` of record ``g // n_windows``, and its first row is that
+        window of the clip itself, unedited.
         """
         self.cache.fill(self.records, workers=self.workers)
         made = (dataset.prepare_versions(self.records, self.versions, self.version_dir, self.cache, self.workers,
@@ -186,7 +180,7 @@ def run(args, log=print) -> ModelCard:
     data = versions_from(args, log)
     embedder = Embedder(card)
     t = time.time()
-    X, groups = data.embeddings(embedder.raw_embeddings)
+    X, groups, _ = data.rows(embedder.raw_embeddings)
     P = projection(within_scatter(X, groups), args.shrink)
     arch = dict(card.architecture, projection="wccn")
     new_model = projected(card, embedder.model, P, arch)
