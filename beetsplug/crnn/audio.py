@@ -36,12 +36,13 @@ DEFAULT_TIMEOUT = 120.0
 TRUNCATION_SLACK = SAMPLE_RATE
 
 
-def _clock(samples: float) -> str:
-    s = samples / SAMPLE_RATE
+def _clock(samples: float, sr: int = SAMPLE_RATE) -> str:
+    s = samples / sr
     return f"{int(s // 60)}:{s % 60:04.1f}" if s >= 60 else f"{s:.1f} s"
 
 
-def plan_windows(n_samples: int, n_windows: int = DEFAULT_WINDOWS) -> list[int]:
+def plan_windows(n_samples: int, n_windows: int = DEFAULT_WINDOWS, window_samples: int = WINDOW_SAMPLES,
+                 hop: int = HOP_LENGTH) -> list[int]:
     """Start samples of up to ``n_windows`` windows, one centred in each of as many equal parts.
 
     Centring in parts keeps windows off the intro and fade-out of a long track, and one
@@ -51,16 +52,16 @@ def plan_windows(n_samples: int, n_windows: int = DEFAULT_WINDOWS) -> list[int]:
     """
     if n_windows < 1:
         raise ValueError("n_windows must be at least 1")
-    last = n_samples - WINDOW_SAMPLES
+    last = n_samples - window_samples
     if last <= 0:
         return [0]
-    wanted = min(n_windows, math.ceil(n_samples / WINDOW_SAMPLES))
+    wanted = min(n_windows, math.ceil(n_samples / window_samples))
     centres = [(i + 0.5) * n_samples / wanted for i in range(wanted)]
-    starts = [min(max(round(c - WINDOW_SAMPLES / 2), 0), last) for c in centres]
-    return sorted({(s // HOP_LENGTH) * HOP_LENGTH for s in starts})
+    starts = [min(max(round(c - window_samples / 2), 0), last) for c in centres]
+    return sorted({(s // hop) * hop for s in starts})
 
 
-def fit_window(y: np.ndarray) -> np.ndarray:
+def fit_window(y: np.ndarray, window_samples: int = WINDOW_SAMPLES) -> np.ndarray:
     """Cut a signal to exactly one window, or loop a shorter one until it fills the window.
 
     Looping (not silence) keeps a short clip's window full of music, as every window of a
@@ -68,11 +69,11 @@ def fit_window(y: np.ndarray) -> np.ndarray:
     like a 3 s song followed by half a minute of nothing.
     """
     y = np.asarray(y, dtype=np.float32)
-    if len(y) >= WINDOW_SAMPLES:
-        return y[:WINDOW_SAMPLES]
+    if len(y) >= window_samples:
+        return y[:window_samples]
     if len(y) == 0:
-        return np.zeros(WINDOW_SAMPLES, np.float32)
-    return np.resize(y, WINDOW_SAMPLES)
+        return np.zeros(window_samples, np.float32)
+    return np.resize(y, window_samples)
 
 
 def _mono(data: np.ndarray) -> np.ndarray:
@@ -90,12 +91,12 @@ def _mono(data: np.ndarray) -> np.ndarray:
     return y
 
 
-def _resample(y: np.ndarray, sr: int) -> np.ndarray:
-    if sr == SAMPLE_RATE or len(y) == 0:
+def _resample(y: np.ndarray, sr: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    if sr == target or len(y) == 0:
         return y.astype(np.float32, copy=False)
     import soxr
 
-    return soxr.resample(y, sr, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+    return soxr.resample(y, sr, target, quality="HQ").astype(np.float32, copy=False)
 
 
 class AudioFile:
@@ -103,13 +104,15 @@ class AudioFile:
 
     Uses libsndfile when it can read the file (seeks, so only the windows are decoded),
     and ffmpeg otherwise (m4a/aac, wma, ...). ``length`` is in samples at 22,050 Hz.
+    ``sample_rate`` is the rate a model family's front end hears (22,050 Hz unless it says otherwise).
     ``timeout`` bounds each ffmpeg run (None or 0: no limit); ``abort()`` (from another
     thread) kills a running ffmpeg and makes every later read fail. ``warning`` is set
     when the audio ends well before the length the file's header promises.
     """
 
-    def __init__(self, path, timeout: float | None = DEFAULT_TIMEOUT):
+    def __init__(self, path, timeout: float | None = DEFAULT_TIMEOUT, sample_rate: int = SAMPLE_RATE):
         self.path = path
+        self.sample_rate = int(sample_rate)
         self.name = display_path(path)
         self.timeout = timeout or None
         self.warning = None
@@ -158,7 +161,7 @@ class AudioFile:
                 raise RuntimeError("no audio frames")
             self._sf = sf
             self._sf_info = (sf.samplerate, sf.frames)
-            self.length = int(sf.frames * SAMPLE_RATE / sf.samplerate)
+            self.length = int(sf.frames * self.sample_rate / sf.samplerate)
             return
         except Exception as exc:  # libsndfile's messages are good; keep for the report
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -166,7 +169,7 @@ class AudioFile:
         if shutil.which("ffmpeg") is None:
             raise AudioError(f"{name}: cannot decode ({error}); ffmpeg, which reads more formats "
                              "(m4a, aac, wma), is not installed")
-        self.length = int(self._probe_duration() * SAMPLE_RATE)
+        self.length = int(self._probe_duration() * self.sample_rate)
         if self.length <= 0:
             raise AudioError(f"{name}: cannot decode ({error or 'no duration'})")
 
@@ -200,14 +203,14 @@ class AudioFile:
         except Exception:
             pass
         # No tag reader knows it: decode it all once, counting samples (bounded by the timeout, flat memory).
-        return self._ffmpeg(0.0, None, keep=False) / SAMPLE_RATE
+        return self._ffmpeg(0.0, None, keep=False) / self.sample_rate
 
     def _ffmpeg(self, offset: float, duration: float | None, keep: bool = True):
-        """Mono 22,050 Hz float32 samples (or, with keep=False, only how many there are)."""
+        """Mono float32 samples at ``sample_rate`` (or, with keep=False, only how many there are)."""
         cmd = [b"ffmpeg", b"-nostdin", b"-v", b"error", b"-ss", f"{offset:.6f}".encode()]
         if duration is not None:
             cmd += [b"-t", f"{duration:.6f}".encode()]
-        cmd += [b"-i", self._fspath, b"-vn", b"-ac", b"1", b"-ar", str(SAMPLE_RATE).encode(), b"-f", b"f32le", b"-"]
+        cmd += [b"-i", self._fspath, b"-vn", b"-ac", b"1", b"-ar", str(self.sample_rate).encode(), b"-f", b"f32le", b"-"]
         name = self.name
         with self._lock:
             if self._aborted:
@@ -262,17 +265,17 @@ class AudioFile:
         return np.frombuffer(data[: len(data) // 4 * 4], dtype="<f4").copy()
 
     def read(self, start: int, n: int) -> np.ndarray:
-        """Decode ``n`` samples (22,050 Hz mono) from sample ``start``; shorter at the end."""
+        """Decode ``n`` samples (mono, at ``sample_rate``) from sample ``start``; shorter at the end."""
         if self._aborted:
             raise AudioError(f"{self.name}: decoding was stopped")
         if self._sf_info is None:
-            y = self._ffmpeg(start / SAMPLE_RATE, n / SAMPLE_RATE)[:n]
+            y = self._ffmpeg(start / self.sample_rate, n / self.sample_rate)[:n]
         else:
             import soundfile
 
             sr = self._sf_info[0]
-            a = int(start * sr / SAMPLE_RATE)
-            b = int(math.ceil((start + n) * sr / SAMPLE_RATE)) + 1
+            a = int(start * sr / self.sample_rate)
+            b = int(math.ceil((start + n) * sr / self.sample_rate)) + 1
             try:
                 if self._sf is None:
                     self._sf = soundfile.SoundFile(self._fspath)
@@ -281,49 +284,50 @@ class AudioFile:
                 data = f.read(b - a, dtype="float32", always_2d=True)
             except Exception as exc:
                 raise AudioError(f"{self.name}: cannot decode ({_strip_name(str(exc).strip(), self.name)})") from None
-            y = _resample(_mono(data), sr)[:n]
+            y = _resample(_mono(data), sr, self.sample_rate)[:n]
         if not np.all(np.isfinite(y)):
             raise AudioError(f"{self.name}: decoded audio contains NaN or infinity")
         return y
 
     def read_all(self) -> np.ndarray:
         try:
-            return self.read(0, self.length + SAMPLE_RATE)
+            return self.read(0, self.length + self.sample_rate)
         finally:
             self.close()
 
-    def windows(self, n_windows: int = DEFAULT_WINDOWS) -> list[np.ndarray]:
-        """The planned windows, each exactly WINDOW_SAMPLES long.
+    def windows(self, n_windows: int = DEFAULT_WINDOWS, window_samples: int = WINDOW_SAMPLES,
+                hop: int = HOP_LENGTH) -> list[np.ndarray]:
+        """The planned windows, each exactly ``window_samples`` long (a front end's window; hop-aligned starts).
 
         A file whose audio stops early (truncated download, damaged tail) is analysed over the part
         that decodes, with ``warning`` saying so; one with no decodable audio at all is an AudioError.
         """
         try:
-            return self._windows(n_windows)
+            return self._windows(n_windows, window_samples, hop)
         finally:
             self.close()
 
-    def _windows(self, n_windows: int) -> list[np.ndarray]:
+    def _windows(self, n_windows: int, window_samples: int, hop: int) -> list[np.ndarray]:
         promised = self.length
         while True:
             out, end = [], None
-            for start in plan_windows(self.length, n_windows):
+            for start in plan_windows(self.length, n_windows, window_samples, hop):
                 try:
-                    y = self.read(start, WINDOW_SAMPLES)
+                    y = self.read(start, window_samples)
                 except AudioError:
                     if start == 0 or self._aborted:
                         raise
                     end = start  # a window further in does not decode: treat the audio as ending there
                     break
-                expected = min(WINDOW_SAMPLES, self.length - start)
-                if len(y) < expected - TRUNCATION_SLACK:
+                expected = min(window_samples, self.length - start)
+                if len(y) < expected - self.sample_rate:  # TRUNCATION_SLACK: a second of slack
                     end = start + len(y)
                     break
-                out.append(fit_window(y))
+                out.append(fit_window(y, window_samples))
             if end is None:
                 if self.length < promised:
-                    self.warning = (f"{self.name}: audio stops at {_clock(self.length)} although its header says "
-                                    f"{_clock(promised)} (truncated file?); analysed the part that decodes")
+                    self.warning = (f"{self.name}: audio stops at {_clock(self.length, self.sample_rate)} although its header says "
+                                    f"{_clock(promised, self.sample_rate)} (truncated file?); analysed the part that decodes")
                 return out
             if end <= 0:
                 raise AudioError(f"{self.name}: no audio could be decoded")
@@ -338,10 +342,13 @@ def _strip_name(message: str, name: str) -> str:
     return message
 
 
-def load_windows(path, n_windows: int = DEFAULT_WINDOWS, timeout: float = DEFAULT_TIMEOUT) -> list[np.ndarray]:
-    return AudioFile(path, timeout).windows(n_windows)
+def load_windows(path, n_windows: int = DEFAULT_WINDOWS, timeout: float = DEFAULT_TIMEOUT, front=None) -> list[np.ndarray]:
+    """The planned windows of a file as a front end hears them (the level-free one unless ``front`` says)."""
+    if front is None:
+        return AudioFile(path, timeout).windows(n_windows)
+    return AudioFile(path, timeout, front.sample_rate).windows(n_windows, front.window_samples, front.hop_length)
 
 
-def load_all(path, timeout: float = DEFAULT_TIMEOUT) -> np.ndarray:
-    """The whole file as 22,050 Hz mono (training decodes clips once and caches their log-mels)."""
-    return AudioFile(path, timeout).read_all()
+def load_all(path, timeout: float = DEFAULT_TIMEOUT, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The whole file as mono at ``sample_rate`` (training decodes clips once and caches their log-mels)."""
+    return AudioFile(path, timeout, sample_rate).read_all()

@@ -21,7 +21,7 @@ import numpy as np
 from . import audio
 from .audio import HOP_LENGTH, WINDOW_FRAMES, WINDOW_SAMPLES
 from .errors import CrnnError
-from .features import PARAMS, log_mel
+from .features import LEVEL_FREE, PARAMS, log_mel
 from .fileid import content_id
 
 SPLITS = ("train", "val", "test")
@@ -120,14 +120,21 @@ def genres_of(records) -> list[str]:
 
 
 class MelCache:
-    """Whole-clip log-mels on disk as float16, keyed by file content and preprocessing."""
+    """Whole-clip log-mels on disk as float16, keyed by file content and preprocessing.
 
-    def __init__(self, folder):
+    ``front`` is the model family's front end (``features.FrontEnd``); the level-free one's frames are
+    not centred, so its windows can be cut from a whole-clip log-mel. Others' ``serving`` windows are
+    decoded as crnnembed decodes them and cached per window count.
+    """
+
+    def __init__(self, folder, front=None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.front = front or LEVEL_FREE
 
-    def _key(self, path: Path) -> Path:
-        ident = json.dumps([content_id(path), PARAMS], sort_keys=True)
+    def _key(self, path: Path, *more) -> Path:
+        params = PARAMS if self.front is LEVEL_FREE else self.front.params
+        ident = json.dumps([content_id(path), params, *more], sort_keys=True)
         return self.folder / (hashlib.sha1(ident.encode()).hexdigest() + ".npz")
 
     def get(self, path) -> tuple[np.ndarray, int]:
@@ -140,9 +147,11 @@ class MelCache:
                     return data["mel"].astype(np.float32), int(data["n_samples"])
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache entry is recomputed
-        y = audio.load_all(path)
+        front = self.front
+        y = audio.load_all(path, sample_rate=front.sample_rate)
         n = len(y)
-        mel = log_mel(audio.fit_window(y) if n < WINDOW_SAMPLES else y).astype(np.float16)
+        whole = audio.fit_window(y, front.window_samples) if n < front.window_samples else y
+        mel = (log_mel(whole) if front is LEVEL_FREE else front.log_mels(whole)[0]).astype(np.float16)
         tmp = key.with_name(key.stem + ".tmp.npz")
         np.savez(tmp, mel=mel, n_samples=np.int64(n))
         os.replace(tmp, key)
@@ -150,7 +159,20 @@ class MelCache:
 
     def serving(self, path, n_windows: int) -> np.ndarray:
         """The windows crnnembed would analyse for this file: (k, 96, 1366) float32."""
-        return serving_windows(*self.get(path), n_windows)
+        if self.front is LEVEL_FREE:
+            return serving_windows(*self.get(path), n_windows)
+        key = self._key(Path(path), "serving", int(n_windows))
+        if key.is_file():
+            try:
+                with np.load(key) as data:
+                    return data["mels"].astype(np.float32)
+            except (OSError, ValueError, KeyError):
+                pass
+        mels = self.front.log_mels(np.stack(audio.load_windows(path, n_windows, front=self.front)))
+        tmp = key.with_name(key.stem + ".tmp.npz")
+        np.savez(tmp, mels=mels.astype(np.float16))
+        os.replace(tmp, key)
+        return mels
 
     def part_starts(self, path) -> list[int]:
         """Where each part ``get`` gives starts in the file, in frames: a whole clip is one part at 0.

@@ -28,8 +28,7 @@ def embed_records(records, embedder, cache, n_windows=DEFAULT_WINDOWS):
     """(unit embeddings, genre probabilities) per record, analysed as crnnembed would."""
     embs, probs = [], []
     for r in records:
-        mel, n = cache.get(r.path)
-        e, p = embedder(dataset.serving_windows(mel, n, n_windows))
+        e, p = embedder(cache.serving(r.path, n_windows))
         e, p = pool_track(e, p)
         embs.append(e)
         probs.append(p)
@@ -65,7 +64,7 @@ def evaluate(records, card: ModelCard, cache_dir=Path(".cache") / "mels", split=
     unknown = sorted({r.genre for r in chosen} - set(card.genres))
     scored = [r for r in chosen if r.genre in shared]
     embedder = embedder or embedder_for(card, precision="float32")
-    cache = dataset.MelCache(cache_dir)
+    cache = dataset.MelCache(cache_dir, card.front)
     embs, probs = embed_records(scored, embedder, cache, n_windows)
     cols = [card.genres.index(g) for g in shared]
     y = np.array([shared.index(r.genre) for r in scored])

@@ -121,7 +121,7 @@ def band_frequencies() -> np.ndarray:
     return mel_frequencies(N_MELS + 2, 0.0, FMAX)[1:-1].astype(np.float32)
 
 
-def model_input(mels: np.ndarray) -> np.ndarray:
+def level_free_input(mels: np.ndarray) -> np.ndarray:
     """Absolute log-mel windows (..., bands, frames) -> dB below each window's maximum, floored.
 
     Gain is a constant dB offset, which the subtraction removes: ``y`` and ``0.1 * y`` give
@@ -133,3 +133,125 @@ def model_input(mels: np.ndarray) -> np.ndarray:
     # (not to 0 dB, which would make digital silence read as a loud, flat spectrum).
     peak = np.maximum(m.max(axis=(-2, -1), keepdims=True), SILENCE_DB)
     return np.maximum(m - peak, -FLOOR_DB).astype(np.float32)
+
+
+# ---- front ends: what a model family hears. The card's ``features`` names one of these. ----
+
+MSD_SAMPLE_RATE = 12000
+MSD_N_FFT = 512
+MSD_HOP = 256
+MSD_FMAX = 6000.0
+MSD_FLOOR_DB = 80.0  # on the squared-power scale the released code used (10 log10(mel^2), top_db 80)
+
+MSD_PARAMS = {
+    "sample_rate": MSD_SAMPLE_RATE,
+    "n_fft": MSD_N_FFT,
+    "hop_length": MSD_HOP,
+    "window": "hann",
+    "n_mels": N_MELS,
+    "window_frames": WINDOW_FRAMES,
+    "center": True,
+    "fmax": MSD_FMAX,
+    "scale": "10*log10(max(power, 1e-20)); the model reads 10*log10(power^2) as Choi et al.'s code did",
+    "normalise": "per window: floored 80 dB (squared scale) below its maximum, then minus its mean, over its "
+                 "standard deviation",
+    "short_clips": "looped to fill a window",
+}
+
+
+class FrontEnd:
+    """What a model family hears: sample rate, window, log-mel and the level-free model input.
+
+    ``log_mels`` gives absolute power dB (augmentations act on it); ``model_input`` turns that into
+    what the network reads. A model card's ``features`` equals one front end's ``params``.
+    """
+
+    name = "level-free"
+    params = PARAMS
+    sample_rate = SAMPLE_RATE
+    hop_length = HOP_LENGTH
+    n_fft = N_FFT
+    window_frames = WINDOW_FRAMES
+
+    @property
+    def window_samples(self) -> int:
+        return self.n_fft + self.hop_length * (self.window_frames - 1)
+
+    def log_mels(self, ys) -> np.ndarray:
+        return log_mels(ys)
+
+    def model_input(self, mels) -> np.ndarray:
+        return level_free_input(mels)
+
+
+class MsdFrontEnd(FrontEnd):
+    """Choi et al.'s front end for the MSD CRNN: 12 kHz, n_fft 512, hop 256, 96 mel bands to 6 kHz,
+    frames centred (as librosa's default), 1366 frames = 29.12 s; standardised per window, so it is
+    level-free too (a constant dB offset vanishes with the mean)."""
+
+    name = "msd"
+    params = MSD_PARAMS
+    sample_rate = MSD_SAMPLE_RATE
+    hop_length = MSD_HOP
+    n_fft = MSD_N_FFT
+
+    @property
+    def window_samples(self) -> int:
+        return self.hop_length * (self.window_frames - 1)  # 349,440 samples: 1366 centred frames
+
+    def log_mels(self, ys) -> np.ndarray:
+        ys = np.asarray(ys, dtype=np.float32)
+        if ys.ndim == 1:
+            ys = ys[None]
+        pad = self.n_fft // 2  # centred frames with zero padding (librosa >= 0.10's default)
+        ys = np.pad(ys, ((0, 0), (pad, pad)))
+        basis, window = _msd_basis()
+        frames = np.lib.stride_tricks.sliding_window_view(ys, self.n_fft, axis=-1)[:, :: self.hop_length]
+        k, t = frames.shape[:2]
+        out = np.empty((k, N_MELS, t), np.float32)
+        for i in range(k):
+            spec = np.fft.rfft(frames[i] * window, axis=-1)
+            power = (spec.real**2 + spec.imag**2).astype(np.float32)
+            out[i] = (power @ basis.T).T
+        np.maximum(out, AMIN, out=out)
+        np.log10(out, out=out)
+        out *= 10.0
+        return out
+
+    def model_input(self, mels) -> np.ndarray:
+        m = 2.0 * np.asarray(mels, dtype=np.float32)  # 10 log10(mel^2)
+        m = np.maximum(m, m.max(axis=(-2, -1), keepdims=True) - MSD_FLOOR_DB)
+        m = m - m.mean(axis=(-2, -1), keepdims=True)
+        std = m.std(axis=(-2, -1), keepdims=True)
+        return (m / np.where(std > 1e-6, std, 1.0)).astype(np.float32)  # a flat (silent) window stays all zero
+
+
+_MSD_BASIS = None
+
+
+def _msd_basis():
+    global _MSD_BASIS
+    if _MSD_BASIS is None:
+        window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(MSD_N_FFT) / MSD_N_FFT)
+        _MSD_BASIS = (mel_filters(MSD_SAMPLE_RATE, MSD_N_FFT, N_MELS, MSD_FMAX), window)
+    return _MSD_BASIS
+
+
+LEVEL_FREE = FrontEnd()
+MSD = MsdFrontEnd()
+FRONT_ENDS = {f.name: f for f in (LEVEL_FREE, MSD)}
+
+
+def front_end_for(features: dict | None) -> FrontEnd | None:
+    """The front end whose parameters a card records, or None when no front end of this version matches."""
+    if not features:
+        return LEVEL_FREE
+    for f in FRONT_ENDS.values():
+        if f.params == features:
+            return f
+    return None
+
+
+def model_input(mels: np.ndarray, front: FrontEnd | None = None) -> np.ndarray:
+    """What the network reads for absolute log-mel windows (level-free front end unless ``front`` says)."""
+    return (front or LEVEL_FREE).model_input(mels)

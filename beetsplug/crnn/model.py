@@ -19,7 +19,7 @@ import numpy as np
 
 from .audio import N_MELS, WINDOW_FRAMES
 from .errors import ModelError
-from .features import PARAMS, model_input
+from .features import PARAMS, front_end_for
 
 CARD_NAME = "crnn.json"
 WEIGHTS_NAME = "crnn.weights.h5"
@@ -161,10 +161,22 @@ class ModelCard:
             raise ModelError(f"model card {card_path} is unreadable: {exc!r}") from None
         if not card.genres:
             raise ModelError(f"model card {card_path} lists no genres")
-        if card.features != PARAMS:
+        if front_end_for(card.features) is None:
             diff = sorted(k for k in set(PARAMS) | set(card.features) if PARAMS.get(k) != card.features.get(k))
             raise ModelError(f"model card {card_path}: preprocessing differs from this version ({', '.join(diff)})")
+        if card.family not in FAMILIES:
+            raise ModelError(f"model card {card_path}: unknown model family {card.family!r}")
         return card
+
+    @property
+    def family(self) -> str:
+        """The architecture the card describes: our own CRNN (``crnn``) or the MSD CRNN's (``msd-crnn``)."""
+        return str(self.architecture.get("family", "crnn"))
+
+    @property
+    def front(self):
+        """The front end the model hears through (``features.FrontEnd``)."""
+        return front_end_for(self.features)
 
     def to_json(self) -> dict:
         data = {
@@ -261,8 +273,17 @@ def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout
     return keras.Model(inp, outputs, name="crnn")
 
 
+FAMILIES = ("crnn", "msd-crnn")
+
+
 def build_for(card: ModelCard):
     arch = card.architecture
+    if card.family == "msd-crnn":
+        from . import msd
+
+        import_tensorflow()
+        return msd.build(len(card.genres), len(card.tags), dropout=arch.get("dropout", 0.1),
+                         gru_dropout=arch.get("gru_dropout", 0.3), projection=bool(arch.get("projection")))
     return build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch.get("dropout", 0.1),
                  n_tags=len(card.tags), projection=bool(arch.get("projection")))
 
@@ -312,6 +333,7 @@ class Embedder:
     def __init__(self, card: ModelCard, batch_size: int = 8, precision: str = "float32"):
         card.verify()
         self.card = card
+        self.front = card.front
         self.batch_size = batch_size
         self.precision = resolve_precision(precision)
         tf = import_tensorflow()
@@ -355,7 +377,7 @@ class Embedder:
         return np.concatenate([o[0] for o in self._outputs(mels)]).astype(np.float32)
 
     def _outputs(self, mels: np.ndarray) -> list:
-        x = model_input(mels)
+        x = self.front.model_input(mels)
         return [[o.numpy() for o in self._infer(x[i : i + self.batch_size, :, :, None])]
                 for i in range(0, len(x), self.batch_size)]
 
@@ -419,6 +441,7 @@ class OnnxEmbedder:
 
     def __init__(self, card: ModelCard, threads: int = 0):
         self.card = card
+        self.front = card.front
         path = card.verify_onnx()
         self._session = _onnx_session(path, int(threads))
         outputs = {o.name: o.shape[-1] for o in self._session.get_outputs()}
@@ -438,7 +461,7 @@ class OnnxEmbedder:
 
     def analyse(self, mels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Log-mels -> (unit embeddings, genre probabilities, tag probabilities or None)."""
-        x = model_input(mels)
+        x = self.front.model_input(mels)
         outs = [self._session.run(self._names, {"logmel": x[i : i + 1]}) for i in range(len(x))]
         return _gather(outs, bool(self.card.tags))
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import audio
 from .errors import AudioError, CrnnError, display_path
-from .features import log_mel, log_mels
+from .features import LEVEL_FREE, log_mel
 from .model import pool_track
 
 # How long closing the pipeline waits for workers that are still decoding (not for stuck ones).
@@ -57,17 +57,17 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
-def track_mels(path, n_windows: int, timeout: float, opened=None) -> tuple[np.ndarray, float, str | None]:
-    """(windows' log-mels (k, 96, 1366), file mtime read before decoding, warning or None).
+def track_mels(path, n_windows: int, timeout: float, opened=None, front=LEVEL_FREE) -> tuple[np.ndarray, float, str | None]:
+    """(windows' log-mels (k, 96, 1366), file mtime read before decoding, warning or None), as ``front`` hears them.
 
     ``opened`` is called with the AudioFile as soon as it exists, so a caller can abort it.
     """
     mtime = os.stat(path).st_mtime
-    f = audio.AudioFile(path, timeout)
+    f = audio.AudioFile(path, timeout, front.sample_rate)
     if opened is not None:
         opened(f)
-    windows = f.windows(n_windows)
-    return log_mels(np.stack(windows)), mtime, f.warning  # all windows in one call
+    windows = f.windows(n_windows, front.window_samples, front.hop_length)
+    return front.log_mels(np.stack(windows)), mtime, f.warning  # all windows in one call
 
 
 def decode_step(path, step):
@@ -229,10 +229,12 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
     # An embedder that releases the GIL (onnxruntime) runs in the decoding threads, one track a call:
     # the cores then decode and infer at once. Keras runs here, on batches gathered across tracks.
     in_workers = getattr(embedder, "in_workers", False)
+    front = getattr(embedder, "front", LEVEL_FREE)  # the model family's front end (its card says which)
 
     def prepare(task: _Task):
         mels, mtime, warning = decode_step(task.path, lambda: track_mels(task.path, n_windows, timeout,
-                                                                         opened=lambda f: setattr(task, "audio", f)))
+                                                                         opened=lambda f: setattr(task, "audio", f),
+                                                                         front=front))
         return (mels, mtime, warning), (run_model(mels) if in_workers else None)
 
     def run_model(mels):

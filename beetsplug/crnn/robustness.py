@@ -41,7 +41,9 @@ def analyse_file(path, embedder, n_windows=DEFAULT_WINDOWS):
     """(unit embedding, genre probabilities) of a file, exactly as crnnembed computes them."""
     from .pipeline import track_mels
 
-    mels, _, _ = track_mels(path, n_windows, DEFAULT_TIMEOUT)
+    from .features import LEVEL_FREE
+
+    mels, _, _ = track_mels(path, n_windows, DEFAULT_TIMEOUT, front=getattr(embedder, "front", LEVEL_FREE))
     return pool_track(*embedder(mels))
 
 
