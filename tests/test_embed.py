@@ -116,12 +116,160 @@ def test_bad_file_fails_alone(beets_env):
     assert store.EMBEDDING not in _attrs(beets_env, bad)
 
 
-def test_write_genre_is_opt_in(tmp_path, tiny_model):
-    env = BeetsEnv(tmp_path, tiny_model.weights.parent, "  write_genre: yes\n")
-    item_id = env.add(write(env.music / "x.wav", 5.0))
+def _has_genres() -> bool:
+    """beets 2.14 and later keep genres in the multi-valued `genres`; before, in the string `genre`."""
+    from beets.library import Item
+
+    return "genres" in Item._fields
+
+
+def _genre_env(tmp_path, tiny_model, write_genre, genres=(), flex=None):
+    """A library with import.write on, one FLAC track tagged with ``genres``, and crnn.write_genre set."""
+    from beets.library import Item
+
+    env = BeetsEnv(tmp_path, tiny_model.weights.parent, f"  write_genre: {write_genre}\n")
+    config = env.root / "config.yaml"
+    config.write_text(config.read_text().replace("  write: no\n", "  write: yes\n"))
+    path = write(env.music / "x.flac", 5.0)
+    lib = env.library()
+    item = Item.from_path(str(path))
+    item.artist, item.title = "Artist", "x"
+    if genres:
+        if _has_genres():
+            item.genres = list(genres)
+        else:
+            item.genre = "; ".join(genres)
+    for key, value in (flex or {}).items():
+        item[key] = value
+    lib.add(item)
+    lib._close()
+    return env, item.id, path
+
+
+def _file_genres(path) -> list:
+    from mediafile import MediaFile
+
+    f = MediaFile(str(path))
+    return list(f.genres or []) if hasattr(f, "genres") else [f.genre]
+
+
+def _is_current(env, item_id, path):
+    values = _attrs(env, item_id)
+    assert float(values[store.MTIME]) == pytest.approx(os.stat(path).st_mtime, abs=1e-3)
+    proc = env.run("crnnembed")
+    assert "embedded 0, up to date 1, failed 0" in proc.stderr  # the tag written did not make it stale
+
+
+def test_write_genre_puts_the_prediction_first_and_keeps_the_users_genres(tmp_path, tiny_model):
+    env, item_id, path = _genre_env(tmp_path, tiny_model, "yes", ["Funk", "Soul"])
     env.run("crnnembed")
     values = _attrs(env, item_id)
-    assert values["genre"] == values[store.GENRE]
+    predicted = values[store.GENRE]
+    assert predicted in GENRES
+    if _has_genres():  # beets 2.14+: `genres`, the prediction first and the user's genres after it
+        lib = env.library()
+        item = lib.get_item(item_id)
+        assert list(item.genres) == [predicted, "Funk", "Soul"]
+        assert item.get(store.GENRE_ADDED) == predicted
+        assert "genre" not in item._values_flex  # no flexible `genre` beets would never read
+        assert [i.id for i in lib.items(f"genres:{predicted}")] == [item_id]
+        lib._close()
+        assert _file_genres(path) == [predicted, "Funk", "Soul"]
+    else:  # older beets: the single `genre` string holds the prediction
+        assert values["genre"] == predicted
+        assert _file_genres(path) == [predicted]
+    _is_current(env, item_id, path)
+
+    if _has_genres():
+        # The next analysis takes out what write_genre added before (here a stand-in, as if an earlier model had
+        # predicted "Funk" and the user had not had it): predictions do not pile up, the user's genres stay.
+        lib = env.library()
+        item = lib.get_item(item_id)
+        item.genres = ["Funk", "Soul", "Disco"]
+        item[store.GENRE_ADDED] = "funk"
+        item.store()
+        lib._close()
+        env.run("crnnembed", "-f")
+        lib = env.library()
+        item = lib.get_item(item_id)
+        assert list(item.genres) == [predicted, "Soul", "Disco"]
+        lib._close()
+        assert _file_genres(path) == [predicted, "Soul", "Disco"]
+        _is_current(env, item_id, path)
+
+
+def test_write_genre_keeps_the_users_spelling_of_the_predicted_genre(tmp_path, tiny_model):
+    probe, pid, _ = _genre_env(tmp_path / "probe", tiny_model, "no")
+    probe.run("crnnembed")
+    predicted = _attrs(probe, pid)[store.GENRE]
+    env, item_id, path = _genre_env(tmp_path / "lib", tiny_model, "yes", ["Jazz", predicted.upper()])
+    env.run("crnnembed")
+    lib = env.library()
+    item = lib.get_item(item_id)
+    if _has_genres():
+        assert list(item.genres) == [predicted.upper(), "Jazz"]  # moved first, in the user's spelling
+        assert store.GENRE_ADDED not in item  # it was the user's: never taken out later
+    else:
+        assert item.genre == predicted
+    lib._close()
+
+
+def test_write_genre_replace(tmp_path, tiny_model):
+    env, item_id, path = _genre_env(tmp_path, tiny_model, "replace", ["Funk", "Soul"])
+    env.run("crnnembed")
+    values = _attrs(env, item_id)
+    predicted = values[store.GENRE]
+    lib = env.library()
+    item = lib.get_item(item_id)
+    if _has_genres():
+        assert list(item.genres) == [predicted] and store.GENRE_ADDED not in item
+    else:
+        assert item.genre == predicted
+    lib._close()
+    assert _file_genres(path) == [predicted]
+    _is_current(env, item_id, path)
+
+
+def test_write_genre_is_opt_in_and_checked(tmp_path, tiny_model):
+    env, item_id, path = _genre_env(tmp_path / "off", tiny_model, "no", ["Funk"])
+    env.run("crnnembed")
+    lib = env.library()
+    item = lib.get_item(item_id)
+    assert (list(item.genres) if _has_genres() else [item.genre]) == ["Funk"]
+    lib._close()
+    assert not any(_file_genres(path))  # the file is not written either
+    env, item_id, path = _genre_env(tmp_path / "bad", tiny_model, "sometimes")
+    proc = env.run("crnnembed", check=False)
+    assert proc.returncode != 0 and "crnn.write_genre must be yes, no or replace, not 'sometimes'" in proc.stderr
+    assert store.EMBEDDING not in _attrs(env, item_id)
+
+
+@pytest.mark.skipif(not _has_genres(), reason="beets before 2.14 has a real `genre` field")
+def test_embed_force_removes_the_stale_flexible_genre(tmp_path, tiny_model):
+    """Earlier versions of the plugin set `item.genre` on beets 2.14, which made a flexible attribute."""
+    env, item_id, _ = _genre_env(tmp_path, tiny_model, "no", ["Funk"])
+    mine, mine_id, _ = _genre_env(tmp_path / "other", tiny_model, "no", ["Funk"])
+
+    def flex_genre(e, value=None):
+        lib = e.library()
+        item = lib.get_item(item_id if e is env else mine_id)
+        if value is not None:
+            item["genre"] = value
+            item.store()
+        out = item._values_flex.get("genre"), list(item.genres)
+        lib._close()
+        return out
+
+    env.run("crnnembed")
+    mine.run("crnnembed")
+    flex_genre(env, _attrs(env, item_id)[store.GENRE])  # what an earlier write_genre left on 2.14
+    flex_genre(mine, "my own label")  # a flexible `genre` that is no prediction: someone else's
+    env.run("crnnembed")  # up to date: nothing is rewritten
+    assert flex_genre(env)[0] == _attrs(env, item_id)[store.GENRE]
+    env.run("crnnembed", "-f")
+    mine.run("crnnembed", "-f")
+    assert flex_genre(env) == (None, ["Funk"])  # gone; `genres` untouched
+    assert flex_genre(mine) == ("my own label", ["Funk"])
 
 
 @pytest.mark.skipif(not has_ffmpeg(), reason="ffmpeg is not installed")

@@ -196,12 +196,90 @@ def test_artist_split_is_disjoint_stratified_and_seeded():
     assert libtrain.split_artists([("a", "x")] * 5) == {"a": "train"}
 
 
-def test_album_artist_is_the_split_key():
-    tracks = [libtrain.Track(i, f"/m/{i}.mp3", "Various Artists" if i % 2 else f"Solo {i}", ["rock" if i < 40 else "pop"])
-              for i in range(80)]
-    p = libtrain.plan(tracks, min_tracks=5)
-    various = {r.split for r in p.records if r.artist == "various artists"}
-    assert len(various) == 1
+def test_split_key_is_the_album_artist_but_the_track_artist_on_compilations():
+    split = libtrain.split_artist
+    assert split("Band feat. Guest", "Band") == ("Band", False)  # an album artist gathers its features
+    assert split("Solo", "") == ("Solo", False) and split("", "") == ("", False)
+    assert split("A", "Various Artists") == ("A", True)  # beets' default va_name
+    assert split("A", "  various   ARTISTS ") == ("A", True)
+    assert split("A", "Film Label", comp=True) == ("A", True)  # beets' comp flag
+    assert split("A", "Verschiedene", va_name="Verschiedene") == ("A", True)
+    assert split("A", "Verschiedene") == ("Verschiedene", False)
+    assert split("", "Various Artists") == ("", True)  # no track artist: counts with its folder
+
+    # 40 tracks of one compilation by 20 artists, and a band's 20 tracks with guests: the compilation's
+    # artists are spread over the splits, the band stays whole.
+    tracks = []
+    for i in range(40):
+        artist, comp = split(f"Artist {i % 20}", "Various Artists")
+        tracks.append(libtrain.Track(i, f"/m/va/{i}.mp3", artist, ["rock" if i % 2 else "pop"], comp))
+    for i in range(40, 60):
+        artist, comp = split(f"Band feat. Guest {i}", "Band")
+        tracks.append(libtrain.Track(i, f"/m/band/{i}.mp3", artist, ["rock"], comp))
+    p = libtrain.plan(tracks, min_tracks=5, val_fraction=0.2, test_fraction=0.2)
+    splits = {}
+    for r in p.records:
+        splits.setdefault(r.artist, set()).add(r.split)
+    assert splits["band"] and len(splits["band"]) == 1 and "various artists" not in splits
+    assert len([a for a in splits if a.startswith("artist ")]) == 20
+    assert p.artists["test"] and p.artists["val"] and all(len(s) == 1 for s in splits.values())
+    assert p.summary()["split"]["compilation_tracks"] == 40
+    assert "40 compilation track(s) (comp, or album artist = va_name) split by their track artist" in \
+        libtrain.format_plan(p)
+    assert "compilation" not in libtrain.format_plan(libtrain.plan(tracks[40:] + _tracks([("x", "pop")] * 6),
+                                                                   min_tracks=5))
+
+
+COMPILATIONS = "va_name: Verschiedene Interpreten\n"  # beets' own option, not the plugin's
+
+
+def compilation_library(env, artists=4, tracks_per_artist=2):
+    """The three families by ``artists`` artists each, on two compilation albums: one whose album artist is
+    the configured va_name, one flagged ``comp`` with a label as album artist (the last artist of each family)."""
+    from beets.library import Item
+
+    albums = {"Verschiedene Interpreten": [], "Film Label": []}
+    for gi, (kind, spellings) in enumerate(FAMILIES.items()):
+        for a in range(artists):
+            albumartist = "Film Label" if a == artists - 1 else "Verschiedene Interpreten"
+            for k in range(tracks_per_artist):
+                path = env.music / f"{kind}-{a}-{k}.wav"
+                sf.write(str(path), family_clip(kind, seed=1000 * gi + 10 * a + k), SR)
+                item = Item(path=os.fsencode(str(path)), title=path.stem, artist=f"{kind.title()} Artist {a}",
+                            albumartist=albumartist, album=f"{albumartist} hits", comp=albumartist == "Film Label",
+                            length=6.0, format="WAV")
+                genres_attr(item, [spellings[0]])
+                albums[albumartist].append(item)
+    lib = env.library()
+    for items in albums.values():
+        lib.add_album(items)
+    lib._close()
+    return sum(map(len, albums.values()))
+
+
+@pytest.mark.slow
+def test_a_compilation_trains_with_held_out_artists_and_evaluates(tmp_path, tiny_model):
+    env = BeetsEnv(tmp_path, tiny_model.weights.parent, extra_config=ALIASES + COMPILATIONS)
+    n = compilation_library(env)
+    proc = env.run("crnntrain", "--min-tracks", "5", "--val-fraction", "0.25", "--test-fraction", "0.25",
+                   "--from-scratch", *TINY, "--epochs", "1", "--max-steps", "1", "--crops", "1")
+    assert f"{n} compilation track(s)" in proc.stdout
+    arts = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("artists")][0]
+    assert [int(x) for x in arts] == [6, 3, 3]  # 12 track artists, not two album artists
+    from beetsplug.crnn.model import ModelCard
+
+    folder = model_folders(env)[0]
+    card = ModelCard.load(folder)
+    split = card.extra["training"]["library"]["split"]
+    assert split["compilation_tracks"] == n and "track artist on compilations" in split["by"]
+    held = split["artists"]["test"]
+    assert len(held) == 3 and not set(held) & set(split["artists"]["train"])
+    assert all(a.endswith(tuple("0123")) and "artist" in a for a in held)
+    assert card.extra["metrics"]["test"]["library"]["tracks"] == 6
+    proc = env.run("crnneval", "--model", folder, "--json", env.root / "eval.json")
+    report = json.loads((env.root / "eval.json").read_text())
+    assert report["tracks"] == 6 and report["artists"] == 3, proc.stdout
+    assert "6 tracks by 3 artists" in proc.stdout
 
 
 def test_names_data_rule(tmp_path):

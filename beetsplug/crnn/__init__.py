@@ -44,7 +44,7 @@ class CrnnPlugin(BeetsPlugin):
                 "timeout": 120.0,  # seconds one file may take to decode
                 "tag_threshold": store.DEFAULT_TAG_THRESHOLD,  # crnn_tags keeps tags this probable (0.3: MSD tags are rare, so well above chance)
                 "max_tags": store.DEFAULT_MAX_TAGS,  # at most this many in crnn_tags (0 = no cap)
-                "write_genre": False,  # also set the `genre` field (and tags when import.write) to crnn_genre
+                "write_genre": False,  # yes: crnn_genre first in `genres` (2.14+; `genre` before), tags too with import.write; replace: alone
                 "index_path": "",  # empty = crnn_index.npz in the beets config directory
                 "n_trees": 0,  # Annoy trees; 0 = the index module's default
                 "search_k": -1,  # Annoy search_k; -1 = the index's default (grows with sqrt of the library size)
@@ -81,6 +81,7 @@ class CrnnPlugin(BeetsPlugin):
             store.EMBEDDING: types.STRING,
             store.GENRE: types.STRING,
             store.GENRE_PROB: types.FLOAT,
+            store.GENRE_ADDED: types.STRING,
             store.MODEL: types.STRING,
             store.MTIME: types.FLOAT,
             store.STAMP: types.FLOAT,
@@ -222,6 +223,7 @@ class CrnnPlugin(BeetsPlugin):
             raise UserError("windows must be at least 1")
         card = self.card()
         tag_options = self._tag_options()  # a bad setting stops the command before any work
+        self._write_genre_mode()
         todo, current, mtimes = [], 0, {}
         for item in items:
             try:
@@ -285,18 +287,41 @@ class CrnnPlugin(BeetsPlugin):
 
     def _store(self, item, result, card, write, tag_options=None):
         tags = result.tags if card.tags else None
+        previous = item.get(store.GENRE)
         values = store.fields_for(result.embedding, result.probs, card.genres, card.model_id, result.mtime, time.time(),
                                   tags=tags, tag_names=card.tags, **(tag_options or self._tag_options()))
         item.update(values)
         for key in list(item.keys()):
             if (key.startswith(store.PROB_PREFIX) or key == store.TAGS) and key not in values:
                 del item[key]  # a genre the current model does not have, or tags from a model that had them
-        if self.config["write_genre"].get(bool):
-            item.genre = values[store.GENRE]
+        has_genres = "genres" in type(item)._fields  # beets 2.14 and later: `genre` became the list `genres`
+        if has_genres and "genre" in item._values_flex and store.is_stale_genre(item["genre"], previous, card.genres):
+            del item["genre"]  # the flexible copy an earlier write_genre made on 2.14: beets never reads it
+        mode = self._write_genre_mode()
+        if mode:
+            if has_genres:
+                genres, added = store.written_genres(values[store.GENRE], item.get("genres"),
+                                                     item.get(store.GENRE_ADDED) or "", replace=mode == "replace")
+                item.genres = genres
+                if added:
+                    item[store.GENRE_ADDED] = added
+                elif store.GENRE_ADDED in item:
+                    del item[store.GENRE_ADDED]
+            else:
+                item.genre = values[store.GENRE]
             if write and item.try_write():
                 # Writing tags changes the file's mtime: record the new one so the vector stays current.
                 item[store.MTIME] = os.stat(item.path).st_mtime
         self._save(item)
+
+    def _write_genre_mode(self):
+        """crnn.write_genre: False, True (the prediction first, the user's genres kept) or "replace"."""
+        mode = self.config["write_genre"].get()
+        if isinstance(mode, str) and mode.strip().lower() == "replace":
+            return "replace"
+        if mode in (None, False, True):  # YAML reads yes/no/on/off as booleans
+            return bool(mode)
+        raise UserError(f"crnn.write_genre must be yes, no or replace, not {mode!r}")
 
     def _tag_options(self) -> dict:
         threshold = self.config["tag_threshold"].as_number()
@@ -717,17 +742,22 @@ class CrnnPlugin(BeetsPlugin):
     # ---- training on the library ----
 
     def _library_tracks(self, lib, args, field):
-        """The items matching the query as libtrain.Track (id, path, album artist else artist, genre values)."""
+        """The items matching the query as libtrain.Track (id, path, split artist, genre values): the album
+        artist, else the artist; the track artist on compilations (``comp``, or album artist = ``va_name``)."""
         from beets.dbcore.query import ParsingError
 
-        from .libtrain import Track
+        from .libtrain import Track, split_artist
 
         try:
             items = list(lib.items(args))
         except ParsingError as exc:
             raise UserError(f"query {' '.join(args)!r}: {exc}") from None
-        return [Track(item.id, item.path, item.get("albumartist") or item.get("artist") or "",
-                      _field_values(item, field)) for item in items]
+        va_name = beets_config["va_name"].as_str()
+        tracks = []
+        for item in items:
+            artist, comp = split_artist(item.get("artist"), item.get("albumartist"), item.get("comp"), va_name)
+            tracks.append(Track(item.id, item.path, artist, _field_values(item, field), comp))
+        return tracks
 
     def _aliases(self) -> dict:
         aliases = self.config["genre_aliases"].get()

@@ -7,8 +7,8 @@ The library's tracks are the labelled data and their ``genre`` field (or another
   through the user's ``crnn.genre_aliases``;
 - the taxonomy is the user's ``--genres`` or every genre with at least ``--min-tracks`` tracks
   (at most ``--max-genres``, the largest);
-- the split is by artist (album artist where set), stratified by genre, with a fixed seed:
-  validation and test artists never reach training;
+- the split is by artist (album artist where set; the track artist on compilations), stratified
+  by genre, with a fixed seed: validation and test artists never reach training;
 - log-mels of the spans ``crnnembed`` analyses (plus a margin for random crops) are decoded on
   ``pipeline``'s parallel, time-limited decoder and cached, with a size cap;
 - training is ``train.run``: the same Trainer, augmentation and card as manifest training.
@@ -123,14 +123,31 @@ def artist_key(name) -> str:
     return " ".join(str(name or "").casefold().split())
 
 
+DEFAULT_VA_NAME = "Various Artists"  # beets' default ``va_name``
+
+
+def split_artist(artist, albumartist, comp=False, va_name=DEFAULT_VA_NAME) -> tuple[str, bool]:
+    """(the artist a track is split by, whether it is a compilation's track).
+
+    The album artist where set, else the artist; but on a compilation (beets' ``comp`` flag, or an
+    album artist equal to the configured ``va_name``) the album artist names no one, so the track
+    artist is the artist ("" when the track has none: it then counts with its folder).
+    """
+    compilation = bool(comp) or bool(albumartist and va_name and artist_key(albumartist) == artist_key(va_name))
+    if compilation:
+        return str(artist or ""), True
+    return str(albumartist or artist or ""), False
+
+
 @dataclass
 class Track:
-    """One library item as training sees it (the glue fills these from beets items)."""
+    """One library item as training sees it (the glue fills these from beets items, through ``split_artist``)."""
 
     id: int
     path: str
-    artist: str  # album artist where set, else artist
+    artist: str  # the split key: album artist where set, else artist; the track artist on compilations
     values: list  # the raw genre strings of the chosen field, before splitting
+    compilation: bool = False  # a compilation's track, split by its track artist
 
 
 @dataclass
@@ -240,8 +257,10 @@ def plan(tracks, field="genre", aliases=None, genres=None, min_tracks=30, max_ge
     counts = {g: {s: sum(1 for r in records if r.split == s and g in (r.genre, *r.more)) for s in dataset.SPLITS}
               for g in taxonomy}
     artists = {s: sorted({a for a, sp in split_of.items() if sp == s}) for s in dataset.SPLITS}
-    settings = {"by": "album artist, else artist", "seed": seed, "val_fraction": val_fraction,
-                "test_fraction": test_fraction, "stratified_by": "each artist's commonest genre"}
+    compilations = sum(t.compilation for t, _ in usable) + sum(t.compilation for t in spare if genre_less)
+    settings = {"by": "album artist, else artist; track artist on compilations", "seed": seed,
+                "val_fraction": val_fraction, "test_fraction": test_fraction,
+                "stratified_by": "each artist's commonest genre", "compilation_tracks": compilations}
     return Plan(taxonomy, records, ids, counts, left_out, artists, field, query, settings, genre_less)
 
 
@@ -308,6 +327,9 @@ def format_plan(p: Plan) -> str:
     lines.append(f"{'tracks':<{w}}  {tot['train']:>6} {tot['val']:>6} {tot['test']:>6}")
     arts = {s: len({r.artist for r in p.records if r.split == s}) for s in dataset.SPLITS}
     lines.append(f"{'artists':<{w}}  {arts['train']:>6} {arts['val']:>6} {arts['test']:>6}")
+    comp = p.settings.get("compilation_tracks", 0)
+    if comp:
+        lines.append(f"{comp} compilation track(s) (comp, or album artist = va_name) split by their track artist")
     multi = sum(bool(r.more) for r in p.records)
     if multi:
         lines.append(f"{multi} track(s) have several of these genres and learn each of them")

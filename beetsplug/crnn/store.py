@@ -26,6 +26,10 @@ PROB_PREFIX = "crnn_prob_"
 # The tag head's strongest tags, "rock, indie": a string field, so `beet ls crnn_tags:indie` matches a substring.
 TAGS = "crnn_tags"
 TAG_SEPARATOR = ", "
+# write_genre on beets 2.14+: the prediction it put first in `genres` that the item did not have before (absent
+# when the item had it), so the next analysis replaces that prediction instead of piling predictions up.
+GENRE_ADDED = "crnn_genre_added"
+WRITE_GENRE_MODES = (False, True, "replace")
 # musicnn's MSD tags are rare (most under a few percent of tracks), so its sigmoid outputs sit near 0 for
 # tags that do not apply; 0.3 keeps a track's clear tags and drops the ones the model is merely unsure of.
 DEFAULT_TAG_THRESHOLD = 0.3
@@ -115,3 +119,36 @@ def is_current(values: dict, model_id: str, mtime: float | None) -> bool:
         return False
     stored = values.get(MTIME)
     return stored is not None and mtime is not None and abs(float(stored) - float(mtime)) < 1e-3
+
+
+def _genre_key(name) -> str:
+    """Genre identity for write_genre: case, spaces, hyphens, underscores and dots do not count."""
+    return re.sub(r"[\s\-_.]+", "", str(name).casefold())
+
+
+def written_genres(prediction: str, current, added: str = "", replace: bool = False) -> tuple[list, str]:
+    """(``genres`` after write_genre, the value for GENRE_ADDED: "" when nothing was added).
+
+    ``current`` is the item's ``genres`` now and ``added`` what an earlier write_genre put there (its
+    GENRE_ADDED). That earlier prediction is taken out first, then the new prediction goes first
+    and the user's own genres follow in their order; a genre the user already has (in any
+    spelling) moves to the front in theirs and is not recorded as added. ``replace``: the
+    prediction alone.
+    """
+    if replace:
+        return [prediction], ""
+    own = [str(g) for g in current or () if str(g).strip()]
+    if added:
+        stale = [i for i, g in enumerate(own) if _genre_key(g) == _genre_key(added)]
+        if stale:
+            del own[stale[0]]
+    same = [g for g in own if _genre_key(g) == _genre_key(prediction)]
+    rest = [g for g in own if _genre_key(g) != _genre_key(prediction)]
+    return ([same[0]] if same else [prediction]) + rest, ("" if same else prediction)
+
+
+def is_stale_genre(value, previous_prediction, genres) -> bool:
+    """A flexible ``genre`` attribute on beets 2.14+ that an earlier write_genre wrote: it holds the track's
+    previous prediction or a genre of the model in use (beets 2.14 keeps genres in ``genres``)."""
+    key = _genre_key(value or "")
+    return bool(key) and key in {_genre_key(g) for g in [previous_prediction or "", *genres] if g}
