@@ -4,6 +4,7 @@ targets, and a distillation run that learns the teacher (through a fake teacher;
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -103,10 +104,34 @@ def test_compute_reports_bad_files_and_a_failed_teacher(tmp_path, fake, monkeypa
 
 # ---- the optional extra ----
 
+TEACHER_MODULES = ("musicnn", "tf_keras", "librosa")  # what teacher.check_installed looks for
+
+
+def _hiding(real, hidden, teacher_modules):
+    """A find_spec that answers None for ``hidden`` and, for the teacher's other modules where they are not
+    installed, a stand-in spec: check_installed then names exactly ``hidden``, whatever this machine has
+    (a fresh one has neither musicnn nor tf_keras). Anything else is found as usual."""
+    import importlib.machinery
+
+    def find_spec(name, *args, **kwargs):
+        if name in hidden:
+            return None
+        spec = real(name, *args, **kwargs)
+        if spec is None and name in teacher_modules:
+            return importlib.machinery.ModuleSpec(name, None)
+        return spec
+
+    return find_spec
+
+
+def hiding_prelude(*hidden) -> str:
+    """``_hiding`` as source to run first in a child process (``python -c``)."""
+    return (inspect.getsource(_hiding) + "import importlib.util\n"
+            f"importlib.util.find_spec = _hiding(importlib.util.find_spec, {hidden!r}, {TEACHER_MODULES!r})\n")
+
+
 def _hide(monkeypatch, *names):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name in names else real(name, *a, **k))
+    monkeypatch.setattr(importlib.util, "find_spec", _hiding(importlib.util.find_spec, names, TEACHER_MODULES))
 
 
 def test_missing_extra_is_named(monkeypatch):
@@ -120,6 +145,13 @@ def test_missing_extra_is_named(monkeypatch):
     _hide(monkeypatch, "tf_keras")
     with pytest.raises(teacher.TeacherError, match=r"needs tf_keras: .*pip install --no-deps tf-keras"):
         teacher.check_installed()
+    monkeypatch.undo()
+    _hide(monkeypatch, *TEACHER_MODULES)  # the list above is the teacher's: all three are named, in its order
+    with pytest.raises(teacher.TeacherError, match="needs musicnn and tf_keras and librosa: "):
+        teacher.check_installed()
+    monkeypatch.undo()
+    _hide(monkeypatch)  # nothing hidden: the stand-ins make the check pass on any machine
+    teacher.check_installed()
 
 
 def _manifest_only(root):
