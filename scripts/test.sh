@@ -3,10 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# ffmpeg decodes what libsndfile cannot (m4a/aac); without it those tests skip.
-if ! command -v ffmpeg >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null) \
-        || echo "ffmpeg could not be installed: the tests that need it will skip"
+# ffmpeg decodes what libsndfile cannot (m4a/aac); mpd is the player `beet crnnradio` feeds
+# (tests/test_radio.py starts its own). Without them those tests skip.
+missing=()
+command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+command -v mpd >/dev/null 2>&1 || [ -x /usr/bin/mpd ] || missing+=(mpd)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null) \
+        || echo "${missing[*]} could not be installed: the tests that need it will skip"
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -25,6 +25,7 @@ from beets.ui import Subcommand, UserError
 
 from . import store
 from .errors import CrnnError, StoreError, display_path
+from .radio import DEFAULTS as RADIO_DEFAULTS  # the radio module imports nothing heavy
 
 INDEX_NAME = "crnn_index.npz"
 
@@ -56,6 +57,7 @@ class CrnnPlugin(BeetsPlugin):
                 "playlist_dir": ".",
                 "relative_to": None,  # None (absolute paths), playlist, library, or a directory
                 "genre_aliases": {},  # crnntrain on the library: {genre: [names that mean it]}
+                "radio": dict(RADIO_DEFAULTS),  # beet crnnradio
             }
         )
         self._card = None
@@ -147,7 +149,13 @@ class CrnnPlugin(BeetsPlugin):
         evaluate.parser.get_option("--model").help += "; with a QUERY: the newest in crnn_models/, else crnn.model"
         evaluate.parser.usage = "%prog [options] [QUERY | DATA...]"
         evaluate.func = self.cmd_eval
-        return [embed, index, similar, path, mixes, train, evaluate]
+
+        from . import radio as radio_module
+
+        radio = Subcommand("crnnradio", help="keep MPD's queue going with tracks that sound like what has been playing")
+        radio_module.add_options(radio.parser)
+        radio.func = lambda lib, opts, args: radio_module.command(self, lib, opts, args)
+        return [embed, index, similar, path, mixes, train, evaluate, radio]
 
     # ---- crnnembed ----
 
