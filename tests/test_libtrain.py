@@ -257,7 +257,6 @@ def compilation_library(env, artists=4, tracks_per_artist=2):
     return sum(map(len, albums.values()))
 
 
-@pytest.mark.slow
 def test_a_compilation_trains_with_held_out_artists_and_evaluates(tmp_path, tiny_model):
     env = BeetsEnv(tmp_path, tiny_model.weights.parent, extra_config=ALIASES + COMPILATIONS)
     n = compilation_library(env)

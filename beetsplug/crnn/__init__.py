@@ -284,7 +284,7 @@ class CrnnPlugin(BeetsPlugin):
         A file that is missing or unreadable keeps its analysis: the audio it describes may come back.
         Returns text to append to the failure line.
         """
-        keys = [k for k in item.keys() if k.startswith("crnn_")]
+        keys = _keys(item, lambda k: k.startswith("crnn_"))
         stored = item.get(store.MTIME)
         if not keys or mtime is None or (stored is not None and abs(float(stored) - mtime) < 1e-3):
             return ""
@@ -299,9 +299,8 @@ class CrnnPlugin(BeetsPlugin):
         values = store.fields_for(result.embedding, result.probs, card.genres, card.model_id, result.mtime, time.time(),
                                   tags=tags, tag_names=card.tags, **(tag_options or self._tag_options()))
         item.update(values)
-        for key in list(item.keys()):
-            if (key.startswith(store.PROB_PREFIX) or key == store.TAGS) and key not in values:
-                del item[key]  # a genre the current model does not have, or tags from a model that had them
+        for key in _keys(item, lambda k: (k.startswith(store.PROB_PREFIX) or k == store.TAGS) and k not in values):
+            del item[key]  # a genre the current model does not have, or tags from a model that had them
         has_genres = "genres" in type(item)._fields  # beets 2.14 and later: `genre` became the list `genres`
         if has_genres and "genre" in item._values_flex and store.is_stale_genre(item["genre"], previous, card.genres):
             del item["genre"]  # the flexible copy an earlier write_genre made on 2.14: beets never reads it
@@ -843,6 +842,12 @@ class CrnnPlugin(BeetsPlugin):
         except CrnnError as exc:
             raise UserError(str(exc)) from None
         ui.print_(text)
+
+
+def _keys(item, wanted) -> list:
+    """The item's attribute names that ``wanted`` accepts, each once (beets 2.0 lists a flexible attribute
+    twice once its value has been read)."""
+    return [k for k in dict.fromkeys(item.keys()) if wanted(k)]
 
 
 def _field_values(item, field):
