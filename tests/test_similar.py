@@ -504,6 +504,24 @@ def test_albums_ranked_by_album_vectors(albums):
     assert ids_of(env.run("similar", "-a", seed, "--genre", "rock", "-f", "$id")) == [ids["near"]]
 
 
+def test_album_artist_cap_counts_a_compilation_as_no_artist(beets_env, tiny_model):
+    """--max-per-artist on albums: a compilation (album artist = va_name, or comp) is no one artist, as its
+    tracks count under their own artists in track results and in library training."""
+    env, m = beets_env, tiny_model
+
+    def album(name, artist, degrees, **fields):
+        return add_album(env, m, name, artist, [(f"{name}1", degrees - 5, "classical", 1, 1),
+                                                (f"{name}2", degrees + 5, "classical", 2, 1)], **fields)[0]
+
+    seed = album("Seed", "SA", 0)
+    ids = [album("Hits One", "Various Artists", 10), album("Hits Two", "various artists", 15),
+           album("Film", "Label", 20, comp=True), album("Film Two", "Label", 25, comp=True),
+           album("Band One", "Band", 30), album("Band Two", "Band", 35)]
+    got = ids_of(env.run("similar", "-a", f"id:{seed}", "--mode", "cosine", "--max-per-artist", "1", "-f", "$id"))
+    assert got == ids[:5]  # every compilation; one album of the band
+    assert ids_of(env.run("similar", "-a", f"id:{seed}", "--mode", "cosine", "-f", "$id")) == ids
+
+
 def test_album_playlist_in_album_order(albums, tmp_path):
     env, ids, tracks = albums
     seed = f"id:{ids['seed']}"

@@ -461,7 +461,8 @@ class CrnnPlugin(BeetsPlugin):
             rows = index.rows_of(ids)
             top = {i: index.genres[int(index.probs[r].argmax())] if r >= 0 and index.genres else ""
                    for i, r in zip(ids, rows.tolist())}
-            return {i: (artist, title, top[i], mbid) for i, (artist, title, mbid) in library.album_fields(lib, ids).items()}
+            fields = library.album_fields(lib, ids, beets_config["va_name"].as_str())
+            return {i: (artist, title, top[i], mbid) for i, (artist, title, mbid) in fields.items()}
 
         return search.Catalogue(album_lookup, matches)
 
@@ -535,7 +536,9 @@ class CrnnPlugin(BeetsPlugin):
             raise UserError(f"the albums matching {text!r}: {exc}") from None
         probs = index.probs[rows].mean(axis=0)
         seed_ids = {a.id for a in seeds}
-        picker = rank.Picker(seed_ids, [(a.albumartist, a.album) for a in seeds], [a.get("mb_albumid") for a in seeds],
+        va_name = beets_config["va_name"].as_str()  # a compilation's album artist is no one artist (album_fields)
+        picker = rank.Picker(seed_ids, [("" if rank.is_compilation(a.albumartist, a.comp, va_name) else a.albumartist,
+                                         a.album) for a in seeds], [a.get("mb_albumid") for a in seeds],
                              max_per_artist=settings.max_per_artist, genre=settings.genre)
         catalogue = self._catalogue(lib, settings, index=index, albums=True)
         chosen, whole = search.nearest(index, vec, probs, n, picker, catalogue, settings, exclude=seed_ids)

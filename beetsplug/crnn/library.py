@@ -12,7 +12,7 @@ import sqlite3
 import numpy as np
 from beets.dbcore.db import DBAccessError
 
-from . import store
+from . import rank, store
 from .errors import StoreError, display_path
 
 
@@ -167,15 +167,17 @@ def candidate_fields(lib, item_ids) -> dict:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def album_fields(lib, album_ids) -> dict:
-    """{album id: (albumartist, album, mb_albumid)} for the albums that still exist."""
+def album_fields(lib, album_ids, va_name=rank.DEFAULT_VA_NAME) -> dict:
+    """{album id: (albumartist, album, mb_albumid)} for the albums that still exist; a compilation's
+    album artist is "" (``rank.is_compilation``: it names no one artist)."""
     out = {}
     with lib.transaction() as tx:
         for chunk in _chunks(album_ids):
             marks = ",".join("?" * len(chunk))
-            for album_id, artist, title, mbid in tx.query(
-                f"SELECT id, albumartist, album, mb_albumid FROM albums WHERE id IN ({marks})", chunk
+            for album_id, artist, title, mbid, comp in tx.query(
+                f"SELECT id, albumartist, album, mb_albumid, comp FROM albums WHERE id IN ({marks})", chunk
             ):
+                artist = "" if rank.is_compilation(artist, comp, va_name) else artist
                 out[album_id] = (artist or "", title or "", mbid or "")
     return out
 

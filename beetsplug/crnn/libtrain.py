@@ -37,6 +37,7 @@ from . import audio, dataset
 from .audio import HOP_LENGTH, SAMPLE_RATE, TRUNCATION_SLACK, WINDOW_FRAMES, WINDOW_SAMPLES
 from .errors import AudioError, CrnnError, display_path
 from .features import PARAMS, log_mel
+from .rank import DEFAULT_VA_NAME, is_compilation
 
 SOURCE = "library"  # the one labelled set a library is: every taxonomy genre is labelled for every track
 UNLABELLED = "unlabelled:library"  # tracks without a usable genre, taught by the teacher alone (train.unlabelled_records)
@@ -123,18 +124,14 @@ def artist_key(name) -> str:
     return " ".join(str(name or "").casefold().split())
 
 
-DEFAULT_VA_NAME = "Various Artists"  # beets' default ``va_name``
-
-
 def split_artist(artist, albumartist, comp=False, va_name=DEFAULT_VA_NAME) -> tuple[str, bool]:
     """(the artist a track is split by, whether it is a compilation's track).
 
-    The album artist where set, else the artist; but on a compilation (beets' ``comp`` flag, or an
-    album artist equal to the configured ``va_name``) the album artist names no one, so the track
-    artist is the artist ("" when the track has none: it then counts with its folder).
+    The album artist where set, else the artist; but on a compilation (``rank.is_compilation``: beets'
+    ``comp`` flag, or an album artist equal to the configured ``va_name``) the album artist names no
+    one, so the track artist is the artist ("" when the track has none: it then counts with its folder).
     """
-    compilation = bool(comp) or bool(albumartist and va_name and artist_key(albumartist) == artist_key(va_name))
-    if compilation:
+    if is_compilation(albumartist, comp, va_name):
         return str(artist or ""), True
     return str(albumartist or artist or ""), False
 

@@ -120,6 +120,18 @@ def _norm_text(s) -> str:
     return " ".join(str(s or "").casefold().split())
 
 
+DEFAULT_VA_NAME = "Various Artists"  # beets' default ``va_name``
+
+
+def is_compilation(albumartist, comp=False, va_name=DEFAULT_VA_NAME) -> bool:
+    """An album of several artists: beets' ``comp`` flag, or an album artist equal to ``va_name``.
+
+    Its album artist names no one: library training splits its tracks by their track artist, and
+    ``similar -a`` counts it as no artist for ``--max-per-artist`` (as it counts untagged tracks).
+    """
+    return bool(comp) or bool(albumartist and va_name and _norm_text(albumartist) == _norm_text(va_name))
+
+
 def dedup_key(artist, title) -> tuple[str, str]:
     """Case- and whitespace-insensitive identity, so re-releases/duplicates collapse."""
     return _norm_text(artist), _norm_text(title)
