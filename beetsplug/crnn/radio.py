@@ -363,7 +363,8 @@ class Radio:
         self._song_id = None
         self._ids: dict[str, int | None] = {}  # uri -> library id (None: not in the library)
         self._mapping_checked = False
-        self._dry = False  # said that nothing is left to add (said again only after a change)
+        self._dry = None  # (history, queue length) when nothing was left to add: no new search till either changes
+        self._steered_by_query = bool(seeds)
         self._first_look = True
         self._start_playing = False
         self._first = first  # a QUERY's track to start an empty queue with
@@ -402,6 +403,8 @@ class Radio:
             self._start_playing = not self._queue and status.get("state") == "stop"
             if self._queue:
                 self._first = None  # a QUERY only steers a queue that has songs
+            if self._steered_by_query:
+                self._song_id = status.get("songid")  # the QUERY steers, not what happened to play when it was given
         song_id = status.get("songid")
         if song_id is not None and song_id != self._song_id:
             self._song_id = song_id
@@ -430,7 +433,6 @@ class Radio:
         history = self.session.history
         if not history or history[-1] != [entry.item_id]:
             history.append([entry.item_id])
-            self._dry = False
         self.session.used.add(entry.item_id)
 
     # -- appending --
@@ -454,6 +456,9 @@ class Radio:
         return self.source.artists([e.item_id for e in self._queue[-window:] if e.item_id is not None])
 
     def _top_up(self, need: int) -> None:
+        if self._dry is not None and self._dry == (len(self.session.history), len(self._queue)):
+            return  # nothing was left to add, and nothing has changed since
+        self._dry = None
         if self._first is not None:
             first, self._first = self._first, None
             self.session.used.add(first.item_id)
@@ -461,13 +466,13 @@ class Radio:
                 need -= 1
         while need > 0 and not self.done():
             picks = self.source.pick(self._steer(), set(self.session.used), self._recent_artists(), need)
-            if picks is None:
+            if picks is None and not self.session.added:
                 raise RadioError("none of the tracks steering the radio has a CRNN analysis: run beet crnnembed")
             if not picks:
-                if not self._dry:
-                    self.say("nothing more to add under these limits (filters, artist cap, marks); "
-                             "waiting for the next song")
-                    self._dry = True
+                why = ("none of the last songs has a CRNN analysis (beet crnnembed)" if picks is None
+                       else "nothing more under these limits (filters, artist cap, marks)")
+                self.say(f"nothing to add: {why}; waiting for the next song")
+                self._dry = (len(self.session.history), len(self._queue))
                 return
             for track in picks:
                 if need <= 0 or self.done():
@@ -803,8 +808,8 @@ def command(plugin, lib, opts, args) -> None:
     seeds = [item.id for item in plugin._track_seed(lib, args)[0]] if args else []
     mpd = Mpd(where, say)
     try:
-        first = source.representative(seeds) if seeds else None
         mpd.open()
+        first = source.representative(seeds) if seeds else None
         radio = Radio(mpd, source, paths, options, say, warn=lambda line: plugin._log.warning("{}", line),
                       seeds=seeds, first=first)
         session = radio.run()
