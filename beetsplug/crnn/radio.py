@@ -573,7 +573,12 @@ class LibrarySource:
         return self._index
 
     def item_ids(self, paths) -> dict:
-        from beets.dbcore.query import OrQuery, PathQuery
+        from beets.dbcore.query import OrQuery
+
+        try:
+            from beets.dbcore.query import PathQuery
+        except ImportError:  # older beets (2.0) keep it in beets.library
+            from beets.library import PathQuery
 
         out = {}
         paths = list(dict.fromkeys(paths))
