@@ -31,7 +31,7 @@ ATOL = 1e-4  # float32: ONNX and Keras outputs may differ by this much at most o
 CHECK_SEED = 2024
 
 
-def check_inputs(n: int = 4) -> np.ndarray:
+def check_inputs(n: int = 4, front=None) -> np.ndarray:
     """Fixed model inputs (n, 96, 1366) for the export check: smooth random spectra, one of them silence.
 
     Made from a seed rather than audio, so the check needs no decoder and is the same every time.
@@ -45,7 +45,7 @@ def check_inputs(n: int = 4) -> np.ndarray:
         walk = np.cumsum(rng.normal(0, 1.5, (N_MELS, WINDOW_FRAMES)), axis=1)
         tilt = -np.linspace(0, 40, N_MELS)[:, None]
         mels.append((walk - walk.mean() + tilt + rng.normal(0, 6, (N_MELS, WINDOW_FRAMES))).astype(np.float32))
-    return model_input(np.stack(mels))
+    return model_input(np.stack(mels), front)
 
 
 def _bn(layer):
@@ -55,17 +55,29 @@ def _bn(layer):
 
 
 def _gru_tensors(layer, name):
-    """ONNX W, R, B of a Keras 3 GRU layer (gate order z, r, h on both sides)."""
-    if not layer.reset_after or not layer.use_bias:
-        raise ModelError(f"{name}: only GRUs with reset_after=True and biases can be exported")
-    if layer.activation.__name__ != "tanh" or layer.recurrent_activation.__name__ != "sigmoid":
-        raise ModelError(f"{name}: only tanh/sigmoid GRUs can be exported")
+    """ONNX W, R, B of a Keras 3 GRU layer (gate order z, r, h on both sides) and its ONNX attributes.
+
+    Our family: sigmoid gates, reset after the recurrent matmul (``linear_before_reset=1``). The MSD
+    family: Keras 1 GRUs, hard-sigmoid gates clip(0.2 x + 0.5) (ONNX HardSigmoid, alpha 0.2, beta 0.5)
+    and the reset gate before the matmul (``linear_before_reset=0``; Keras has no recurrent bias then).
+    """
+    from .msd import keras1_hard_sigmoid
+
+    if not layer.use_bias or layer.activation.__name__ != "tanh":
+        raise ModelError(f"{name}: only tanh GRUs with biases can be exported")
     kernel, recurrent, bias = (np.asarray(w, np.float32) for w in layer.get_weights())
-    # Keras: kernel (input, 3u), recurrent (u, 3u), bias (2, 3u) = [input bias, recurrent bias]
     w = kernel.T[None]  # (1, 3u, input)
     r = recurrent.T[None]  # (1, 3u, u)
-    b = np.concatenate([bias[0], bias[1]])[None]  # (1, 6u): Wb then Rb
-    return w, r, b
+    if layer.reset_after and layer.recurrent_activation.__name__ == "sigmoid":
+        # Keras: bias (2, 3u) = [input bias, recurrent bias]
+        b = np.concatenate([bias[0], bias[1]])[None]  # (1, 6u): Wb then Rb
+        return w, r, b, {"linear_before_reset": 1}
+    if not layer.reset_after and layer.recurrent_activation is keras1_hard_sigmoid:
+        b = np.concatenate([bias, np.zeros_like(bias)])[None]
+        return w, r, b, {"linear_before_reset": 0, "activations": ["HardSigmoid", "Tanh"],
+                         "activation_alpha": [0.2], "activation_beta": [0.5]}
+    raise ModelError(f"{name}: only sigmoid GRUs (reset after) or Keras 1 hard-sigmoid GRUs (reset before) "
+                     "can be exported")
 
 
 def to_onnx(net):
@@ -87,21 +99,34 @@ def to_onnx(net):
     # (b, 96, 1366) -> NCHW (b, 1, 96, 1366); per-band input norm as a multiply-add (it cannot fold
     # into conv1: the conv's zero padding would then no longer be zero after the norm)
     nodes.append(helper.make_node("Unsqueeze", ["logmel", "ax1"], ["x0"]))
-    scale, shift = _bn(layer["input_norm"])
-    const("in_scale", scale.astype(np.float32).reshape(1, 1, N_MELS, 1))
-    const("in_shift", shift.astype(np.float32).reshape(1, 1, N_MELS, 1))
-    nodes.append(helper.make_node("Mul", ["x0", "in_scale"], ["x0s"]))
+    msd = "bn_0_freq" in layer
+    if msd:  # the MSD CRNN: 37 zero frames each side in time, then a norm per (padded) time frame
+        from .msd import PAD_FRAMES
+
+        const("time_pads", np.array([0, 0, 0, PAD_FRAMES, 0, 0, 0, PAD_FRAMES], np.int64))
+        nodes.append(helper.make_node("Pad", ["x0", "time_pads"], ["x0p"]))
+        scale, shift = _bn(layer["bn_0_freq"])
+        const("in_scale", scale.astype(np.float32).reshape(1, 1, 1, -1))
+        const("in_shift", shift.astype(np.float32).reshape(1, 1, 1, -1))
+        nodes.append(helper.make_node("Mul", ["x0p", "in_scale"], ["x0s"]))
+    else:
+        scale, shift = _bn(layer["input_norm"])
+        const("in_scale", scale.astype(np.float32).reshape(1, 1, N_MELS, 1))
+        const("in_shift", shift.astype(np.float32).reshape(1, 1, N_MELS, 1))
+        nodes.append(helper.make_node("Mul", ["x0", "in_scale"], ["x0s"]))
     nodes.append(helper.make_node("Add", ["x0s", "in_shift"], ["x"]))
     x = "x"
     for i, pool in enumerate(POOLS, 1):
-        kernel = np.asarray(layer[f"conv{i}"].get_weights()[0], np.float64)  # (kh, kw, in, out)
+        conv = layer[f"conv{i}"].get_weights()
+        kernel = np.asarray(conv[0], np.float64)  # (kh, kw, in, out)
+        bias = np.asarray(conv[1], np.float64) if len(conv) > 1 else 0.0
         scale, shift = _bn(layer[f"bn{i}"])
         w = (kernel * scale).transpose(3, 2, 0, 1).astype(np.float32)  # (out, in, kh, kw), bn folded
         const(f"conv{i}_w", w)
-        const(f"conv{i}_b", shift.astype(np.float32))
+        const(f"conv{i}_b", (bias * scale + shift).astype(np.float32))
         nodes.append(helper.make_node("Conv", [x, f"conv{i}_w", f"conv{i}_b"], [f"c{i}"], kernel_shape=[3, 3],
                                       pads=[1, 1, 1, 1]))
-        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        nodes.append(helper.make_node("Elu" if msd else "Relu", [f"c{i}"], [f"r{i}"]))
         nodes.append(helper.make_node("MaxPool", [f"r{i}"], [f"p{i}"], kernel_shape=list(pool), strides=list(pool)))
         x = f"p{i}"
     # (b, C, 1, T) -> (T, b, C): a sequence over time for the GRUs
@@ -109,10 +134,9 @@ def to_onnx(net):
     nodes.append(helper.make_node("Transpose", ["seq_bct"], ["seq"], perm=[2, 0, 1]))
     units = int(layer["gru1"].units)
     for j, name in enumerate(("gru1", "gru2")):
-        w, r, b = _gru_tensors(layer[name], name)
+        w, r, b, attrs = _gru_tensors(layer[name], name)
         inputs = ["seq" if j == 0 else "h1", const(f"{name}_W", w), const(f"{name}_R", r), const(f"{name}_B", b)]
-        nodes.append(helper.make_node("GRU", inputs, [f"{name}_y", f"{name}_yh"], hidden_size=units,
-                                      linear_before_reset=1))
+        nodes.append(helper.make_node("GRU", inputs, [f"{name}_y", f"{name}_yh"], hidden_size=units, **attrs))
         if j == 0:  # (T, 1, b, u) -> (T, b, u): the whole sequence feeds gru2
             nodes.append(helper.make_node("Squeeze", ["gru1_y", "ax1"], ["h1"]))
     if "projection" in layer:  # crnn-wccn's map after the last GRU: the embedding is its output
@@ -151,7 +175,7 @@ def export_model(net, card: ModelCard, x: np.ndarray | None = None) -> dict:
     """
     import onnxruntime as ort
 
-    x = check_inputs() if x is None else x
+    x = check_inputs(front=card.front) if x is None else x
     proto = to_onnx(net)
     data = proto.SerializeToString()
     opts = ort.SessionOptions()

@@ -575,7 +575,7 @@ def annealed_lr(lr: float, done: float, anneal: float, floor: float = 0.1) -> fl
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), log=None) -> ModelCard:
+def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), log=None, features=None) -> ModelCard:
     """Write weights and their ONNX export, then the card naming both sha256 (the card is written last).
 
     The export is what a plain install analyses with; if it fails the model still works on the
@@ -591,6 +591,8 @@ def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), l
     extra = dict(extra, name=name)  # the family name, kept by models made from this one (crnn-wccn)
     card = ModelCard(model_id=f"{name}-{sha[:10]}", genres=list(genres), weights=weights, sha256=sha,
                      architecture=dict(arch), extra=extra, tags=list(tags))
+    if features is not None:  # another family's front end (the MSD CRNN's); the level-free one otherwise
+        card.features = dict(features)
     try:
         from .export import export_card
 

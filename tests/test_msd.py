@@ -1,0 +1,270 @@
+"""The MSD CRNN family: its front end, the port of the released file, the ONNX export, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audiogen import write
+from conftest import ROOT
+
+SHARED = ROOT.parent / "shared"
+RELEASED = SHARED / "pretrained" / "choi2017-msd-crnn" / "music_tagger_crnn_weights_tensorflow.h5"
+EMOTIFY = SHARED / "data" / "emotify"
+
+
+def write_released(net, path: Path) -> Path:
+    """Write ``net``'s weights in the released file's Keras 1 layout (names, orders, running_std), so the
+    port can be tested on any machine, without ../shared."""
+    import h5py
+
+    from beetsplug.crnn import msd
+
+    layers = {layer.name: layer for layer in net.layers}
+    with h5py.File(path, "w") as f:
+        for name in ["bn_0_freq"] + [f"bn{i}" for i in range(1, 5)]:
+            gamma, beta, mean, var = layers[name].get_weights()
+            g = f.create_group(name)
+            for param, value in (("gamma", gamma), ("beta", beta), ("running_mean", mean),
+                                 ("running_std", np.sqrt(var) - msd.BN_EPS)):
+                g[f"{name}_{param}_1:0"] = value
+        for i in range(1, 5):
+            w, b = layers[f"conv{i}"].get_weights()
+            g = f.create_group(f"conv{i}")
+            g[f"conv{i}_W_1:0"] = w.transpose(3, 2, 0, 1)
+            g[f"conv{i}_b_1:0"] = b
+        for name in ("gru1", "gru2"):
+            w, u, b = layers[name].get_weights()
+            g = f.create_group(name)
+            for j, gate in enumerate("zrh"):
+                s = slice(j * msd.GRU_UNITS, (j + 1) * msd.GRU_UNITS)
+                g[f"{name}_W_{gate}:0"] = w[:, s]
+                g[f"{name}_U_{gate}:0"] = u[:, s]
+                g[f"{name}_b_{gate}:0"] = b[s]
+        w, b = layers["tags"].get_weights()
+        g = f.create_group("output")
+        g["output_W_1:0"] = w
+        g["output_b_1:0"] = b
+    return path
+
+
+def random_msd(seed=0, n_genres=3):
+    """The MSD CRNN with random weights (batch-norm statistics too, so the norms are exercised)."""
+    import keras
+
+    from beetsplug.crnn import msd
+
+    keras.utils.set_random_seed(seed)
+    net = msd.build(n_genres)
+    rng = np.random.default_rng(seed)
+    for layer in net.layers:
+        if layer.name.startswith("bn"):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
+                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
+    return net
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A file in the released layout: random weights, so the port is tested without ../shared."""
+    folder = tmp_path_factory.mktemp("released")
+    net = random_msd(seed=3)
+    return write_released(net, folder / "released.h5"), net
+
+
+def test_front_end_window_and_level():
+    from beetsplug.crnn.features import MSD, front_end_for
+
+    assert MSD.window_samples == 349_440  # 29.12 s at 12 kHz
+    y = np.random.default_rng(0).normal(0, 0.1, MSD.window_samples).astype(np.float32)
+    mels = MSD.log_mels(np.stack([y, 0.05 * y]))
+    assert mels.shape == (2, 96, 1366)
+    x = MSD.model_input(mels)
+    assert np.max(np.abs(x[0] - x[1])) < 1e-3  # a 26 dB quieter file reads the same
+    assert abs(float(x[0].mean())) < 1e-4 and abs(float(x[0].std()) - 1) < 1e-3
+    silent = MSD.model_input(MSD.log_mels(np.zeros((1, MSD.window_samples), np.float32)))
+    assert np.all(silent == 0)
+    assert front_end_for(MSD.params) is MSD
+    assert front_end_for(dict(MSD.params, n_fft=1024)) is None
+
+
+def test_keras1_hard_sigmoid_is_not_keras3s():
+    import keras
+
+    from beetsplug.crnn.msd import keras1_hard_sigmoid
+
+    x = np.array([-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0], np.float32)
+    ours = np.asarray(keras1_hard_sigmoid(x))
+    np.testing.assert_allclose(ours, np.clip(0.2 * x + 0.5, 0, 1), atol=1e-7)
+    assert np.max(np.abs(ours - np.asarray(keras.activations.hard_sigmoid(x)))) > 0.05
+
+
+def test_port_reads_every_layer_of_the_released_layout(released):
+    from beetsplug.crnn import msd
+
+    path, source = released
+    net = msd.build(3)
+    msd.port(net, path)
+    x = np.random.default_rng(1).normal(0, 1, (2, 96, 1366, 1)).astype(np.float32)
+    want = [np.asarray(o) for o in source(x, training=False)]
+    got = [np.asarray(o) for o in net(x, training=False)]
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)  # the 32-d state
+    np.testing.assert_allclose(got[2], want[2], atol=1e-5)  # the 50 tags
+
+
+def test_port_refuses_another_file(tmp_path):
+    import h5py
+
+    from beetsplug.crnn import msd
+    from beetsplug.crnn.errors import ModelError
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(ModelError, match="not the released MSD CRNN file"):
+        msd.read_released(tmp_path / "other.h5")
+    with pytest.raises(ModelError, match="weights are not at"):
+        msd.read_released(tmp_path / "missing.h5")
+
+
+def test_onnx_export_of_the_family_agrees_with_keras(tmp_path):
+    """Random weights (not the port): the export must follow every layer, not one set of numbers."""
+    from beetsplug.crnn import msd
+    from beetsplug.crnn.features import MSD
+    from beetsplug.crnn.model import Embedder, ModelCard, OnnxEmbedder
+    from beetsplug.crnn.train import save_model
+
+    net = random_msd(seed=5)
+    card = save_model(net, tmp_path, ["a", "b", "c"], msd.ARCHITECTURE, {"training": {}}, name="t", tags=msd.TAGS,
+                      features=MSD.params)
+    assert card.onnx is not None and card.onnx["checked"]["max_abs_diff"] <= 1e-4
+    card = ModelCard.load(tmp_path)
+    assert card.family == "msd-crnn" and card.front is MSD
+    y = np.random.default_rng(2).normal(0, 0.1, (2, MSD.window_samples)).astype(np.float32)
+    mels = MSD.log_mels(y)
+    keras_out = Embedder(card, precision="float32").analyse(mels)
+    onnx_out = OnnxEmbedder(card).analyse(mels)
+    for k, o in zip(keras_out, onnx_out):
+        np.testing.assert_allclose(o, k, atol=1e-4)
+
+
+@pytest.mark.skipif(not RELEASED.is_file() or not EMOTIFY.is_dir(), reason="needs ../shared (pretrained and emotify)")
+def test_port_reproduces_the_released_tags():
+    """README of ../shared/pretrained/choi2017-msd-crnn: two centred windows, tags averaged."""
+    from beetsplug.crnn import audio, msd
+    from beetsplug.crnn.features import MSD
+
+    net = msd.build_pretrained(["_"], RELEASED)
+
+    def tags(name):
+        mels = MSD.log_mels(np.stack(audio.load_windows(EMOTIFY / name, 2, front=MSD)))
+        t = np.asarray(net(MSD.model_input(mels)[..., None], training=False)[2]).mean(0)
+        return {msd.TAGS[i]: float(t[i]) for i in np.argsort(-t)[:5]}
+
+    rock = tags("rock/1.mp3")
+    assert list(rock)[0] == "rock" and abs(rock["rock"] - 0.51) < 0.05
+    assert abs(rock["classic rock"] - 0.12) < 0.05
+    electronic = tags("electronic/1.mp3")
+    assert list(electronic)[:3] == ["electronic", "electronica", "electro"]
+    assert abs(electronic["electronic"] - 0.60) < 0.05 and abs(electronic["electronica"] - 0.22) < 0.05
+
+
+# ---- fine-tuning on a tiny generated set ----
+
+
+@pytest.fixture(scope="module")
+def tiny_sets(tmp_path_factory):
+    """Two labelled sets with train, val and test clips (test clips must never reach training)."""
+    root = tmp_path_factory.mktemp("sets")
+    kinds = {"calm": "tonal", "loud": "beat", "mixed": "tonal"}
+    for s, (set_name, genres) in enumerate((("one", ["calm", "loud"]), ("two", ["loud", "mixed"]))):
+        rows = ["path,genre,artist,split"]
+        for g in genres:
+            for i, split in enumerate(("train", "train", "train", "val", "test")):
+                p = write(root / set_name / g / f"{i}.wav", seconds=4 + i, sr=12000, kind=kinds[g],
+                          seed=100 * s + 10 * genres.index(g) + i)
+                rows.append(f"{p.relative_to(root / set_name)},{g},{set_name}-{g}-{i},{split}")
+        (root / set_name / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return [root / "one", root / "two"]
+
+
+def _run(tiny_sets, released, out, cache=None):
+    from beetsplug.crnn import dataset, finetune
+
+    records = dataset.read_sources(tiny_sets)
+    cache = cache or finetune.FeatureCache(out.parent / "stem-cache", weights=released[0])
+    return finetune.Run(records, cache, out, versions=(), unfreeze="gru", lr=1e-3, batch_size=4, log=lambda m: None)
+
+
+def test_teacher_targets_are_computed_once(tiny_sets, released, tmp_path):
+    from beetsplug.crnn import finetune
+
+    cache = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
+    first = _run(tiny_sets, released, tmp_path / "a", cache)
+    assert cache.computed == 16  # every train (12) and val (4) clip once
+    again = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
+    second = _run(tiny_sets, released, tmp_path / "b", again)
+    assert again.computed == 0
+    np.testing.assert_array_equal(first.train.tags, second.train.tags)
+    # the targets are the frozen original's tags for each window
+    net = again.frozen
+    assert first.train.tags.shape[1] == 50 and np.all((first.train.tags > 0) & (first.train.tags < 1))
+    assert net.sha256 == finetune._sha256(released[0])
+
+
+def test_test_splits_never_reach_training(tiny_sets, released, tmp_path):
+    from beetsplug.crnn import dataset, finetune
+    from beetsplug.crnn.errors import CrnnError
+
+    run = _run(tiny_sets, released, tmp_path / "run")
+    records = dataset.read_sources(tiny_sets)
+    assert any(r.split == "test" for r in records)
+    assert run.records_seen and all(r.split == "train" for r in run.records_seen)
+    assert {r.path for r in run.fit_records}.isdisjoint({r.path for r in records if r.split == "test"})
+    assert all(r.split == "val" for r in run.val_records)
+    with pytest.raises(CrnnError, match="test records reached training"):
+        finetune.check_no_test(records)
+
+
+def test_stopped_run_resumes_where_it_ended(tiny_sets, released, tmp_path):
+    """One epoch, stopped, resumed to two: the same epoch count, the optimizer state carried on, and
+    the same weights as a run that was never stopped."""
+    whole = _run(tiny_sets, released, tmp_path / "whole")
+    done = whole.fit(2)
+    assert done["finished"] and done["epoch"] == 2
+
+    first = _run(tiny_sets, released, tmp_path / "split")
+    part = first.fit(2, stop_after=1)
+    assert not part["finished"] and part["epoch"] == 1
+    state = json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1
+    iterations_after_one = int(np.asarray(first.optimizer.iterations))
+    assert iterations_after_one > 0
+
+    second = _run(tiny_sets, released, tmp_path / "split")
+    second._build()
+    second.load_checkpoint()
+    assert int(np.asarray(second.optimizer.iterations)) == iterations_after_one  # the saved optimizer state
+    rest = second.fit(2, resume=True)
+    assert rest["finished"] and rest["epoch"] == 2 and len(rest["history"]) == 3
+    assert int(np.asarray(second.optimizer.iterations)) == 2 * iterations_after_one
+    for a, b in zip(whole.top.get_weights(), second.top.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_finetuned_model_is_saved_as_the_family(tiny_sets, released, tmp_path):
+    from beetsplug.crnn import msd
+    from beetsplug.crnn.model import ModelCard
+
+    run = _run(tiny_sets, released, tmp_path / "model")
+    result = run.fit(1)
+    card = run.save(result, "crnn-msd-test", "test")
+    card = ModelCard.load(tmp_path / "model")
+    assert card.family == "msd-crnn" and card.tags == msd.TAGS
+    assert card.genres == ["calm", "loud", "mixed"]
+    assert card.onnx is not None
+    assert "Choi" in card.extra["training"]["credit"] and "MIT" in card.extra["training"]["credit"]
+    assert card.extra["training"]["clips"] == {"train": 12, "val": 4}
