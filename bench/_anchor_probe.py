@@ -1,11 +1,14 @@
-"""Helpers for bench/anchor.py: a numpy genre probe, musicnn clip features, a timed teacher run.
+"""Helpers for bench/anchor.py: a numpy genre probe, clip features of the frozen networks, timings.
 
 - ``Probe``: multinomial logistic regression (softmax, L2 on the weights) on standardised
   features, fitted by L-BFGS (scipy) or, without scipy, full-batch gradient descent.
   ``fit_probe`` picks the L2 strength on the validation split (log-loss), then refits on
   train + val. Test clips never reach it.
 - ``clip_embedding``: musicnn's clip embedding, the mean of its per-window 200-d
-  'penultimate' outputs, L2-normalised.
+  'penultimate' outputs, L2-normalised. ``msd_features``: the MSD CRNN's, the mean of its unit
+  32-d ``gru2`` states over the served windows, L2-normalised, and that beside the mean of its
+  50 tag logits (a second probe input).
+- ``rate``: start-up and steady seconds per clip from each clip's wall seconds.
 - ``Caches``: look a file's teacher outputs up in several ``TeacherCache`` folders.
 - Run as a script, this file is the ``runner`` that ``teacher.compute`` starts: it starts the
   real worker (``python -m beetsplug.crnn.teacher``) unchanged, passes its input and output
@@ -160,13 +163,29 @@ def top_genre_macro_f1(report: dict) -> float:
     return float(f1.mean())
 
 
-# ---- musicnn outputs ----
+# ---- clip features of the frozen networks ----
+
+
+def unit_mean(vectors, unit_rows: bool = False) -> np.ndarray:
+    """Mean of per-window vectors (each L2-normalised first when ``unit_rows``), L2-normalised."""
+    v = np.asarray(vectors, np.float64)
+    if unit_rows:
+        v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    v = v.mean(axis=0)
+    return (v / max(np.linalg.norm(v), 1e-12)).astype(np.float32)
 
 
 def clip_embedding(entry: dict) -> np.ndarray:
-    """Mean of the per-window 200-d embeddings, L2-normalised."""
-    v = np.asarray(entry["emb"], np.float64).mean(axis=0)
-    return (v / max(np.linalg.norm(v), 1e-12)).astype(np.float32)
+    """musicnn: mean of the per-window 200-d embeddings, L2-normalised."""
+    return unit_mean(entry["emb"])
+
+
+def msd_features(entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """MSD CRNN (a finetune.FeatureCache entry): the clip's unit state, and [state, mean tag logits]."""
+    state = unit_mean(entry["emb"], unit_rows=True)
+    p = np.clip(np.asarray(entry["tags"], np.float64), 1e-6, 1 - 1e-6)
+    logits = (np.log(p) - np.log1p(-p)).mean(axis=0)
+    return state, np.concatenate([state, logits]).astype(np.float32)
 
 
 class Caches:
@@ -204,13 +223,24 @@ def read_times(times_file: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     t0, done = data["start"], data["ok"]
-    if not done:
+    return rate(np.diff([t0, *done]), data["end"] - t0) if done else None
+
+
+def rate(seconds, wall_s: float | None = None, load_s: float = 0.0, warm: bool = False) -> dict | None:
+    """{'clips', 'wall_s', 'startup_s', 'steady_s_per_clip', 's_per_clip_all_in'} from each clip's seconds
+    (in order): steady is the mean after the first, start-up ``load_s`` + the first's excess over it.
+    ``warm``: the model was already running, every clip counts as steady and there is no start-up."""
+    s = [float(x) for x in seconds]
+    if not s:
         return None
-    n = len(done)
-    steady = (done[-1] - done[0]) / (n - 1) if n > 1 else None
-    first = done[0] - t0
-    return {"clips": n, "wall_s": data["end"] - t0, "startup_s": first - steady if steady is not None else None,
-            "steady_s_per_clip": steady, "s_per_clip_all_in": (data["end"] - t0) / n}
+    n = len(s)
+    wall = float(sum(s)) + load_s if wall_s is None else float(wall_s)
+    if warm:
+        return {"clips": n, "wall_s": wall, "startup_s": None, "steady_s_per_clip": float(np.mean(s)),
+                "s_per_clip_all_in": wall / n}
+    steady = float(np.mean(s[1:])) if n > 1 else None
+    return {"clips": n, "wall_s": wall, "startup_s": load_s + s[0] - steady if steady is not None else None,
+            "steady_s_per_clip": steady, "s_per_clip_all_in": wall / n}
 
 
 def _wrap(times_file: str, cmd: list) -> int:

@@ -1,11 +1,13 @@
-"""Anchor benchmark: the public musicnn MSD model and a beets-crnn model, side by side, same clips, same protocol.
+"""Anchor benchmark: public networks trained on the Million Song Dataset, frozen with a linear probe, and a
+beets-crnn model, side by side, same clips, same protocol.
 
     nice -n 19 python bench/anchor.py                          # every set in ../shared/data, the shipped model
     nice -n 19 python bench/anchor.py --model DIR --json anchor.json
     nice -n 19 python bench/anchor.py --model /tmp/smoke --limit 6 --clips-per-genre 1   # a quick dry run
+    nice -n 19 python bench/anchor.py --frozen msd,msd+tags    # without musicnn (not installed, or too slow)
 
 Every labelled set under --data (a folder with metadata.csv; default ../shared/data) is used,
-through beetsplug.crnn.dataset.read_records. Two analysers:
+through beetsplug.crnn.dataset.read_records. Analysers (--frozen picks the frozen ones):
 
 - musicnn MSD (Pons and Serra 2019), through beetsplug.crnn.teacher: per-3 s-window tags and
   200-d 'penultimate' embeddings, computed in a subprocess and cached (TeacherCache). A clip's
@@ -13,6 +15,12 @@ through beetsplug.crnn.dataset.read_records. Two analysers:
   sets, so its genres come from a probe: softmax regression on the standardised clip embeddings,
   fitted on the train + val clips only (L2 strength chosen on val log-loss, then refitted on
   train + val). Test clips never reach a probe.
+- MSD CRNN (Choi, Fazekas, Sandler and Cho 2017; beetsplug.crnn.msd, the released weights in
+  ../shared/pretrained or $BEETS_CRNN_MSD_WEIGHTS), frozen (finetune.Frozen through its
+  FeatureCache): its 32-d gru2 state and 50 tags on the 2 served windows of its own front end
+  (12 kHz). A clip's embedding is the mean of the unit states, L2-normalised; genres from the
+  same probe. 'msd+tags': the same network, its probe reading [state, mean of the 50 tag
+  logits]; its cosine rows use the state, so they repeat MSD CRNN's.
 - ours: the model analysed exactly like `beet crnnembed` (robustness.analyse_file: the plugin's
   windows, log-mels, the CRNN with the plugin's batch size and precision, pooling); its own
   genre outputs, no probe.
@@ -23,12 +31,12 @@ Rows, per set X (clips of genres the model does not know are left out of both co
   0.5: sigmoid outputs for ours, softmax probabilities for the probe, so the two columns are not
   like for like there; the top-genre one is);
 - X test, p@5: of each clip's 5 nearest clips by other artists, the fraction with its genre
-  (metrics.precision_at_k): musicnn by cosine, ours genre-aware (the plugin's default), then
-  both by cosine;
+  (metrics.precision_at_k): the frozen networks by cosine, ours genre-aware (the plugin's
+  default), then all by cosine;
 - versions (one set, --versions-set; the first --clips-per-genre test clips per genre): each
   clip as 'flac44-loud', 'mp3-128k-quiet', 'vorbis48' (augment.make_version); robustness.summarise
   over the original + 3 versions: same-clip neighbours (k = 3), all 4 files share the top genre
-  (musicnn: the X probe), 5th percentile of cosine to the original;
+  (frozen networks: the X probe), 5th percentile of cosine to the original;
 - cross-set: X test scored by a probe fitted on Y's train + val only (genres X and Y share);
   ours only where its card says it was not trained on X (evaluate.training_sources), else n/a. And X test scored by a probe
   fitted on all sets' train + val (the union of genres; top genre among X's): the probe that
@@ -37,8 +45,10 @@ Rows, per set X (clips of genres the model does not know are left out of both co
 
 Caches: musicnn outputs of train/val clips are read from (and, if missing, written to)
 --teacher-cache (default .cache/teacher, where training keeps them); test clips, versions and
-their musicnn outputs go to --cache (default .cache/anchor). A second run computes no musicnn
-output and reports musicnn's timing from when it was computed. Ours is always recomputed.
+their musicnn outputs go to --cache (default .cache/anchor), the MSD CRNN's outputs of every
+file to --cache/msd (about 120 KB a file: FeatureCache keeps the stem output too). A second run
+computes no output of a frozen network and reports their timing from when it was computed.
+Ours is always recomputed.
 """
 
 from __future__ import annotations
@@ -54,9 +64,12 @@ from pathlib import Path
 import numpy as np
 
 from _common import ROOT, machine, table  # noqa: E402
-from _anchor_probe import Caches, clip_embedding, fit_probe, read_times, restrict, runner_command, top_genre_macro_f1  # noqa: E402
+from _anchor_probe import (Caches, clip_embedding, fit_probe, msd_features, rate, read_times, restrict,  # noqa: E402
+                           runner_command, top_genre_macro_f1)
 
 VERSIONS = ("flac44-loud", "mp3-128k-quiet", "vorbis48")
+FROZEN = {"musicnn": "musicnn MSD", "msd": "MSD CRNN", "msd+tags": "MSD CRNN + tags"}  # --frozen: key -> column
+MSD_WINDOWS = 2  # the windows the plugin serves
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -116,14 +129,14 @@ def resolve_model(arg):
         raise SystemExit(f"anchor: cannot load the model in {folder}: {exc}")
 
 
-# ---- musicnn ----
+# ---- the frozen networks ----
 
 
-class MusicnnTimes:
-    """Worker timings per group of files, kept in the cache folder so a run that computes nothing can still show them."""
+class Times:
+    """An analyser's timings per group of files, kept in the cache folder so a run that computes nothing can still show them."""
 
-    def __init__(self, cache_dir: Path):
-        self.path = cache_dir / "musicnn-timing.json"
+    def __init__(self, cache_dir: Path, name: str):
+        self.path = cache_dir / f"{name}-timing.json"
         try:
             self.saved = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -142,8 +155,21 @@ class MusicnnTimes:
             return self.now[group], True
         return self.saved.get(group), False
 
+    def cell(self, group, key):
+        """(a table cell, whether it was measured in an earlier run)."""
+        t, now = self.get(group)
+        if not t or t.get(key) is None:
+            return ("cached" if not t else "n/a"), False
+        return (float(t[key]), False) if now else (f"{t[key]:.2f}*", True)
 
-def musicnn_compute(paths, cache, lookup, group, times: MusicnnTimes):
+
+def log_times(t):
+    if t:
+        steady = f"{t['steady_s_per_clip']:.2f} s/clip steady" if t["steady_s_per_clip"] is not None else "1 clip"
+        log(f"  {t['clips']} files in {t['wall_s']:.1f} s ({steady})")
+
+
+def musicnn_compute(paths, cache, lookup, group, times: Times):
     """musicnn outputs for the paths not yet in any cache, computed into ``cache`` and timed."""
     from beetsplug.crnn import teacher
 
@@ -160,9 +186,79 @@ def musicnn_compute(paths, cache, lookup, group, times: MusicnnTimes):
             raise SystemExit(f"anchor: {exc}")
         t = read_times(tfile)
     times.record(group, t)
-    if t:
-        steady = f"{t['steady_s_per_clip']:.2f} s/clip steady" if t["steady_s_per_clip"] is not None else "1 clip"
-        log(f"  {t['clips']} files in {t['wall_s']:.1f} s ({steady})")
+    log_times(t)
+
+
+class MsdOutputs:
+    """The frozen MSD CRNN's clip features (msd_features) of each file, from a finetune.FeatureCache; what is
+    missing is computed one file at a time (decode, front end, network, cache write) and timed."""
+
+    def __init__(self, folder: Path, times: Times):
+        from beetsplug.crnn.finetune import FeatureCache
+
+        self.cache = FeatureCache(folder)
+        if not self.cache.weights_path.is_file():
+            raise SystemExit(f"anchor: the MSD CRNN weights are not at {self.cache.weights_path} (set "
+                             f"BEETS_CRNN_MSD_WEIGHTS, or leave it out: --frozen musicnn)")
+        self.times = times
+        self.memo: dict = {}
+        self.built = False
+
+    def features(self, path):
+        key = str(path)
+        if key not in self.memo:
+            entry = self.cache.load(key, MSD_WINDOWS)
+            self.memo[key] = msd_features(entry) if entry is not None else None
+        return self.memo[key]
+
+    def compute(self, paths, group):
+        todo = [p for p in dict.fromkeys(map(str, paths)) if self.features(p) is None]
+        if not todo:
+            log(f"MSD CRNN, {group}: all {len(set(map(str, paths)))} cached")
+            return
+        log(f"MSD CRNN, {group}: computing {len(todo)} files into {self.cache.folder}")
+        warm, load_s = self.built, 0.0
+        if not warm:
+            t = time.perf_counter()
+            self.cache.frozen  # builds the network; the first clip then traces it
+            load_s, self.built = time.perf_counter() - t, True
+        seconds = []
+        for p in todo:
+
+            def left_out(msg, path=p):  # fill's other lines count files: one at a time, they say nothing
+                if msg.startswith("left out"):
+                    log(f"  MSD CRNN: {path}: {msg}")
+
+            t = time.perf_counter()
+            got = self.cache.fill([(p, MSD_WINDOWS)], workers=1, log=left_out)
+            if got:
+                seconds.append(time.perf_counter() - t)
+                self.memo[p] = msd_features(got[(p, MSD_WINDOWS)])
+        t = rate(seconds, load_s=load_s, warm=warm)
+        self.times.record(group, t)
+        if t and t["startup_s"] is not None:
+            self.times.record("start-up", t)
+        log_times(t)
+
+
+class Column:
+    """A frozen network as a table column: per file (probe input, unit embedding) or None; genres from probes."""
+
+    def __init__(self, key, features, times: Times, startup_group=None):
+        self.key, self.title, self.features, self.times = key, FROZEN[key], features, times
+        self.startup_group = startup_group  # None: start-up is in each test group's timing
+        self.memo: dict = {}
+
+    def get(self, path):
+        key = str(path)
+        if key not in self.memo:
+            self.memo[key] = self.features(key)
+        return self.memo[key]
+
+    def arrays(self, paths):
+        """(probe inputs, unit embeddings) of files that all have outputs."""
+        pairs = [self.get(p) for p in paths]
+        return np.array([x for x, _ in pairs]), np.array([e for _, e in pairs])
 
 
 # ---- ours ----
@@ -222,8 +318,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder of labelled sets (default: ../shared/data)")
     p.add_argument("--model", default=None, help="beets-crnn model folder (default: this checkout's model_weights/)")
+    p.add_argument("--frozen", default=",".join(FROZEN),
+                   help=f"frozen networks with probes, comma-separated from {', '.join(FROZEN)}; 'none': ours alone "
+                        "(default: all)")
     p.add_argument("--cache", default=str(ROOT / ".cache" / "anchor"),
-                   help="versions and musicnn outputs of test clips and versions (default: .cache/anchor)")
+                   help="versions, musicnn outputs of test clips and versions, MSD CRNN outputs in msd/ "
+                        "(default: .cache/anchor)")
     p.add_argument("--teacher-cache", default=str(ROOT / ".cache" / "teacher"),
                    help="musicnn outputs of train/val clips, shared with training (default: .cache/teacher)")
     p.add_argument("--versions-set", default="emotify", help="set whose test clips get codec versions ('none': skip)")
@@ -233,6 +333,9 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=None, help="ours: analysis windows per track (default: the plugin's)")
     p.add_argument("--json", default=None, help="also write everything here")
     args = p.parse_args(argv)
+    frozen = [] if args.frozen.strip().lower() == "none" else [k.strip() for k in args.frozen.split(",") if k.strip()]
+    if unknown_keys := [k for k in frozen if k not in FROZEN]:
+        raise SystemExit(f"anchor: --frozen {', '.join(unknown_keys)}: not one of {', '.join(FROZEN)}")
 
     from beetsplug.crnn import augment, dataset
     from beetsplug.crnn.evaluate import training_sources
@@ -256,15 +359,12 @@ def main(argv=None):
     batch_size = int(plugin_default("batch_size", 4))
     precision = str(plugin_default("precision", "auto"))
     log(f"sets: {', '.join(f'{k} ({len(v)} clips)' for k, v in sets.items())}; model {card.model_id} "
-        f"(trained on {', '.join(sorted(trained_on)) or 'unknown'})")
+        f"(trained on {', '.join(sorted(trained_on)) or 'unknown'}); frozen: {', '.join(frozen) or 'none'}")
 
     cache = TeacherCache(args.cache)
-    tcache = TeacherCache(args.teacher_cache)
-    lookup = Caches(tcache, cache)
-    mtimes = MusicnnTimes(cache.folder)
     version_dir = cache.folder / "versions"
 
-    # versions: made first so that one musicnn run covers them
+    # versions: made first so that one run of each frozen network covers them
     vset = None if args.versions_set.lower() == "none" else args.versions_set
     if vset and vset not in sets:
         raise SystemExit(f"anchor: --versions-set {vset}: no such set (have {', '.join(sets)})")
@@ -278,38 +378,55 @@ def main(argv=None):
             except Exception as exc:
                 log(f"versions: {r.path}: left out: {exc}")
 
-    # musicnn: train/val into the training cache, test and versions into ours
-    musicnn_compute([r.path for recs in sets.values() for r in recs if r.split != "test"], tcache, lookup, "train+val", mtimes)
-    for name, recs in sets.items():
-        musicnn_compute([r.path for r in recs if r.split == "test"], cache, lookup, f"{name} test", mtimes)
+    # the frozen networks' outputs, by group: train+val, each set's test clips, the versions
+    groups = [("train+val", [r.path for recs in sets.values() for r in recs if r.split != "test"])]
+    groups += [(f"{name} test", [r.path for r in recs if r.split == "test"]) for name, recs in sets.items()]
     if vclips:
-        musicnn_compute([f for _, files in vclips for f in files[1:]], cache, lookup, f"{vset} versions", mtimes)
+        groups.append((f"{vset} versions", [f for _, files in vclips for f in files[1:]]))
+    cols = []
+    if "musicnn" in frozen:  # train/val into the training cache, test and versions into ours
+        tcache = TeacherCache(args.teacher_cache)
+        lookup = Caches(tcache, cache)
+        mtimes = Times(cache.folder, "musicnn")
+        for group, paths in groups:
+            musicnn_compute(paths, tcache if group == "train+val" else cache, lookup, group, mtimes)
 
-    def mfeat(path):
-        return clip_embedding(lookup.get(path)) if lookup.has(path) else None
+        def musicnn_features(path):
+            e = clip_embedding(lookup.get(path)) if lookup.has(path) else None
+            return None if e is None else (e, e)
 
-    feats = {str(r.path): mfeat(r.path) for recs in sets.values() for r in recs}
-    missing = [k for k, v in feats.items() if v is None]
-    if missing:
-        log(f"musicnn: no output for {len(missing)} files (left out): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        cols.append(Column("musicnn", musicnn_features, mtimes))
+    if {"msd", "msd+tags"} & set(frozen):
+        msd = MsdOutputs(cache.folder / "msd", Times(cache.folder, "msd"))
+        for group, paths in groups:
+            msd.compute(paths, group)
+        cols += [Column(key, lambda path, i=i: _pick(msd.features(path), i), msd.times, "start-up")
+                 for key, i in (("msd", 0), ("msd+tags", 1)) if key in frozen]
+    cols.sort(key=lambda c: frozen.index(c.key))
+    for c in cols:
+        missing = [str(r.path) for recs in sets.values() for r in recs if c.get(r.path) is None]
+        if missing:
+            log(f"{c.title}: no output for {len(missing)} files (left out): {', '.join(missing[:3])}"
+                f"{' ...' if len(missing) > 3 else ''}")
 
-    # probes: per set over its genres, and one over all sets
-    def probe_for(records, labels, what):
-        fit = {s: [r for r in records if r.split == s and feats[str(r.path)] is not None and r.genre in labels]
+    # probes: per frozen network, per set over its genres, and one over all sets
+    def probe_for(c, records, labels, what):
+        fit = {s: [r for r in records if r.split == s and c.get(r.path) is not None and r.genre in labels]
                for s in ("train", "val")}
         if not fit["train"] and not fit["val"]:
-            raise SystemExit(f"anchor: no train/val clips with musicnn outputs for the probe on {what}")
-        X = {s: np.array([feats[str(r.path)] for r in v]).reshape(len(v), -1) for s, v in fit.items()}
+            raise SystemExit(f"anchor: no train/val clips with {c.title} outputs for the probe on {what}")
+        X = {s: c.arrays([r.path for r in v])[0].reshape(len(v), -1) for s, v in fit.items()}
         y = {s: np.array([labels.index(r.genre) for r in v], np.int64) for s, v in fit.items()}
         probe, info = fit_probe(labels, X["train"], y["train"], X["val"], y["val"])
-        log(f"probe on {what}: {len(labels)} genres, {info['train']} train + {info['val']} val clips, "
+        log(f"{c.title}: probe on {what}: {len(labels)} genres, {info['train']} train + {info['val']} val clips, "
             f"L2 {info['l2']:g}, {info['method']}")
         return probe, info
 
-    probes = {name: probe_for(recs, genres[name], f"{name} train+val") for name, recs in sets.items()}
+    probes = {c.key: {name: probe_for(c, recs, genres[name], f"{name} train+val") for name, recs in sets.items()}
+              for c in cols}
     union = sorted(set().union(*genres.values()))
     all_records = [r for recs in sets.values() for r in recs]
-    probe_all = probe_for(all_records, union, "all sets' train+val") if len(sets) > 1 else None
+    probe_all = {c.key: probe_for(c, all_records, union, "all sets' train+val") for c in cols} if len(sets) > 1 else {}
 
     # ours
     log(f"ours: loading {card.model_id} (windows {windows}, batch size {batch_size}, precision {precision})")
@@ -317,9 +434,12 @@ def main(argv=None):
     result = {"bench": "anchor", "machine": machine(), "args": vars(args), "model_id": card.model_id,
               "trained_on": sorted(trained_on), "ours_settings": {"windows": windows, "batch_size": batch_size,
                                                                 "precision": ours.embedder.precision},
-              "probes": {name: info for name, (_, info) in probes.items()}, "sets": {}, "cross": {}}
-    if probe_all:
-        result["probes"]["all"] = probe_all[1]
+              "probes": {c.key: {name: info for name, (_, info) in probes[c.key].items()} for c in cols},
+              "sets": {}, "cross": {}}
+    for key, (_, info) in probe_all.items():
+        result["probes"][key]["all"] = info
+    keys = [c.key for c in cols]  # the frozen columns' keys, in table order
+    blank = [""] * (len(cols) + 2)
     rows, notes = [], []
     ours_col = f"ours ({card.model_id})"
     test = {}
@@ -328,85 +448,87 @@ def main(argv=None):
         tests = [r for r in recs if r.split == "test"]
         unknown = [r for r in tests if r.genre not in card.genres]
         log(f"ours: analysing {len(tests) - len(unknown)} {name} test clips")
-        kept, E, P, M = [], [], [], []
+        kept, E, P = [], [], []
         for r in tests:
             if r.genre not in card.genres:
                 continue
             o = ours.analyse(r.path)
-            f = feats[str(r.path)]
-            if o is None or f is None:
+            if o is None or any(c.get(r.path) is None for c in cols):
                 continue
             kept.append(r)
             E.append(o[0])
             P.append(o[1])
-            M.append(f)
         if not kept:
-            notes.append(f"{name}: no test clip analysed by both; left out")
+            notes.append(f"{name}: no test clip analysed by every analyser; left out")
             continue
-        E, P, M = np.array(E), np.array(P), np.array(M)
-        test[name] = (kept, E, P, M)
-        probe = probes[name][0]
+        E, P = np.array(E), np.array(P)
+        X = {c.key: c.arrays([r.path for r in kept]) for c in cols}
+        test[name] = (kept, E, P, X)
         y = np.array([scored.index(r.genre) for r in kept])
-        m_probs = probe.predict_proba(M)
-        m = scores(y, restrict(m_probs, [genres[name].index(g) for g in scored]), scored)
-        o = scores(y, P[:, [card.genres.index(g) for g in scored]], scored)
         g_of = [r.genre for r in kept]
         artists = [r.artist or str(r.path) for r in kept]
-        pk = {"musicnn_cosine": precision_at_k(M, m_probs, g_of, artists, k=args.k, mode="cosine"),
-              "musicnn_genre_probe": precision_at_k(M, m_probs, g_of, artists, k=args.k, mode="genre"),
-              "ours_genre": precision_at_k(E, P, g_of, artists, k=args.k, mode="genre"),
-              "ours_cosine": precision_at_k(E, P, g_of, artists, k=args.k, mode="cosine")}
+        m, pk = {}, {}
+        for key, (F, M) in X.items():
+            probs = probes[key][name][0].predict_proba(F)
+            m[key] = scores(y, restrict(probs, [genres[name].index(g) for g in scored]), scored)
+            pk[f"{key}_cosine"] = precision_at_k(M, probs, g_of, artists, k=args.k, mode="cosine")
+            pk[f"{key}_genre_probe"] = precision_at_k(M, probs, g_of, artists, k=args.k, mode="genre")
+        m["ours"] = scores(y, P[:, [card.genres.index(g) for g in scored]], scored)
+        pk["ours_genre"] = precision_at_k(E, P, g_of, artists, k=args.k, mode="genre")
+        pk["ours_cosine"] = precision_at_k(E, P, g_of, artists, k=args.k, mode="cosine")
+        cos = [pk[f"{k}_cosine"] for k in keys]
         dropped = len(tests) - len(unknown) - len(kept)
         label = f"{name} test ({len(kept)} clips, {len(scored)} genres)"
-        rows += [["", "", ""]] if rows else []
-        rows += [[f"{label}: accuracy", m["accuracy"], o["accuracy"]],
-                 [f"{name} test: macro-F1 (top genre)", m["macro_f1_top"], o["macro_f1_top"]],
-                 [f"{name} test: macro-F1 (each genre >= 0.5)", m["macro_f1_threshold"], o["macro_f1_threshold"]],
-                 [f"{name} test: p@{args.k} (musicnn cosine, ours genre-aware)", pk["musicnn_cosine"], pk["ours_genre"]],
-                 [f"{name} test: p@{args.k} (both cosine)", pk["musicnn_cosine"], pk["ours_cosine"]]]
+        rows += [blank] if rows else []
+        rows += [[f"{label}: accuracy", *(m[k]["accuracy"] for k in keys + ["ours"])],
+                 [f"{name} test: macro-F1 (top genre)", *(m[k]["macro_f1_top"] for k in keys + ["ours"])],
+                 [f"{name} test: macro-F1 (each genre >= 0.5)", *(m[k]["macro_f1_threshold"] for k in keys + ["ours"])],
+                 [f"{name} test: p@{args.k} (frozen cosine, ours genre-aware)", *cos, pk["ours_genre"]],
+                 [f"{name} test: p@{args.k} (all cosine)", *cos, pk["ours_cosine"]]]
         if unknown:
-            notes.append(f"{name}: {len(unknown)} test clips of genres the model does not know left out of both columns "
+            notes.append(f"{name}: {len(unknown)} test clips of genres the model does not know left out of every column "
                          f"({', '.join(sorted({r.genre for r in unknown}))})")
         if dropped:
-            notes.append(f"{name}: {dropped} test clips left out of both columns (one analyser could not read them)")
+            notes.append(f"{name}: {dropped} test clips left out of every column (an analyser could not read them)")
         result["sets"][name] = {"clips": len(kept), "genres_scored": scored, "in_training": name in trained_on,
                                 "left_out_unknown_genre": len(unknown), "left_out_unreadable": dropped,
-                                "musicnn": m, "ours": o, "precision_at_k": dict(pk, k=args.k),
+                                **m, "precision_at_k": dict(pk, k=args.k),
                                 "ours_seconds_per_clip": steady([ours.memo[str(r.path)][2] for r in kept])}
 
         if name == vset and vclips:
             log(f"ours: analysing {len(vclips)} x {len(VERSIONS)} versions")
-            VE, VP, ME, MP, vkept = [], [], [], [], []
-            vcols_m = [genres[name].index(g) for g in scored]
+            VE, VP, vkept = [], [], []
             for r, files in vclips:
                 oa = [ours.analyse(f) for f in files]
-                ms = [lookup.get(f) if lookup.has(f) else None for f in files]
-                if any(x is None for x in oa + ms):
+                if any(x is None for x in oa) or any(c.get(f) is None for c in cols for f in files):
                     notes.append(f"versions: {r.path} left out (a version could not be analysed)")
                     continue
-                vkept.append(r)
+                vkept.append(files)
                 VE.append([x[0] for x in oa])
                 VP.append([x[1] for x in oa])
-                emb = np.array([clip_embedding(x) for x in ms])
-                ME.append(emb)
-                MP.append(probe.predict_proba(emb))
             if len(vkept) >= 2:
                 names = ["original", *VERSIONS]
-                sm = summarise(np.array(ME), np.array(MP), names, vcols_m)
-                so = summarise(np.array(VE), np.array(VP), names, [card.genres.index(g) for g in scored])
+                sv = {}
+                for c in cols:
+                    probe = probes[c.key][name][0]
+                    FM = [c.arrays(files) for files in vkept]
+                    sv[c.key] = summarise(np.array([M for _, M in FM]), np.array([probe.predict_proba(F) for F, _ in FM]),
+                                          names, [genres[name].index(g) for g in scored])
+                sv["ours"] = summarise(np.array(VE), np.array(VP), names, [card.genres.index(g) for g in scored])
                 vlabel = f"{name} versions ({len(vkept)} clips x 4 files)"
-                rows += [[f"{vlabel}: same-clip neighbours (k = {sm['k']})", sm["same_clip_neighbours"], so["same_clip_neighbours"]],
-                         [f"{name} versions: all 4 files same top genre", sm["same_top_genre"], so["same_top_genre"]],
-                         [f"{name} versions: 5th pct cosine to original", sm["p5_cosine"], so["p5_cosine"]]]
+                k3 = sv["ours"]["k"]
+                rows += [[f"{vlabel}: same-clip neighbours (k = {k3})", *(sv[k]["same_clip_neighbours"] for k in keys + ["ours"])],
+                         [f"{name} versions: all 4 files same top genre", *(sv[k]["same_top_genre"] for k in keys + ["ours"])],
+                         [f"{name} versions: 5th pct cosine to original", *(sv[k]["p5_cosine"] for k in keys + ["ours"])]]
                 vsec = [ours.memo[str(f)][2] for _, files in vclips for f in files[1:] if ours.memo.get(str(f))]
-                result["versions"] = {"set": name, "clips": len(vkept), "versions": list(VERSIONS), "musicnn": sm,
-                                      "ours": so, "ours_seconds_per_file": steady(vsec)}
+                result["versions"] = {"set": name, "clips": len(vkept), "versions": list(VERSIONS), **sv,
+                                      "ours_seconds_per_file": steady(vsec)}
             else:
                 notes.append("versions: fewer than 2 clips with all versions analysed; no versions rows")
 
     # cross-set
-    rows.append(["", "", ""])
-    for x, (kept, E, P, M) in test.items():
+    rows.append(blank)
+    for x, (kept, E, P, X) in test.items():
         for ysrc in sets:
             if ysrc == x:
                 continue
@@ -414,55 +536,60 @@ def main(argv=None):
             label = f"{x} test, probe on {ysrc} only ({len(shared)} shared genres)"
             idx = [i for i, r in enumerate(kept) if r.genre in shared]
             if len(shared) < 2 or not idx:
-                rows.append([label, "n/a (< 2 genres)", "n/a"])
+                rows.append([label, *["n/a"] * len(cols), "n/a (< 2 genres)"])
                 continue
             yy = np.array([shared.index(kept[i].genre) for i in idx])
-            m = scores(yy, restrict(probes[ysrc][0].predict_proba(M[idx]), [genres[ysrc].index(g) for g in shared]), shared)
+            m = {k: scores(yy, restrict(probes[k][ysrc][0].predict_proba(X[k][0][idx]),
+                                        [genres[ysrc].index(g) for g in shared]), shared) for k in keys}
             if x in trained_on or not trained_on:
-                o = None
+                m["ours"] = None
                 ocell = oc2 = f"n/a (trained on {x})" if trained_on else "n/a (card names no training sets)"
             else:
-                o = scores(yy, P[idx][:, [card.genres.index(g) for g in shared]], shared)
-                ocell, oc2 = o["accuracy"], o["macro_f1_top"]
-            rows += [[f"{label}: accuracy ({len(idx)} clip{'s' if len(idx) != 1 else ''})", m["accuracy"], ocell],
-                     [f"{x} test, probe on {ysrc} only: macro-F1 (top genre)", m["macro_f1_top"], oc2]]
-            result["cross"][f"{x}<-{ysrc}"] = {"shared": shared, "clips": len(idx), "musicnn": m, "ours": o}
+                m["ours"] = scores(yy, P[idx][:, [card.genres.index(g) for g in shared]], shared)
+                ocell, oc2 = m["ours"]["accuracy"], m["ours"]["macro_f1_top"]
+            rows += [[f"{label}: accuracy ({len(idx)} clip{'s' if len(idx) != 1 else ''})",
+                      *(m[k]["accuracy"] for k in keys), ocell],
+                     [f"{x} test, probe on {ysrc} only: macro-F1 (top genre)", *(m[k]["macro_f1_top"] for k in keys), oc2]]
+            result["cross"][f"{x}<-{ysrc}"] = {"shared": shared, "clips": len(idx), **m}
         if probe_all:
             scored = [g for g in genres[x] if g in card.genres]
             y = np.array([scored.index(r.genre) for r in kept])
-            m = scores(y, restrict(probe_all[0].predict_proba(M), [union.index(g) for g in scored]), scored)
+            m = {k: scores(y, restrict(probe_all[k][0].predict_proba(X[k][0]), [union.index(g) for g in scored]), scored)
+                 for k in keys}
             o = result["sets"][x]["ours"]
-            rows += [[f"{x} test, probe on all sets ({len(union)} genres): accuracy", m["accuracy"], o["accuracy"]],
-                     [f"{x} test, probe on all sets: macro-F1 (top genre)", m["macro_f1_top"], o["macro_f1_top"]]]
-            result["cross"][f"{x}<-all"] = {"labels": union, "clips": len(kept), "musicnn": m}
+            rows += [[f"{x} test, probe on all sets ({len(union)} genres): accuracy",
+                      *(m[k]["accuracy"] for k in keys), o["accuracy"]],
+                     [f"{x} test, probe on all sets: macro-F1 (top genre)", *(m[k]["macro_f1_top"] for k in keys),
+                      o["macro_f1_top"]]]
+            result["cross"][f"{x}<-all"] = {"labels": union, "clips": len(kept), **m}
 
     # time
-    rows.append(["", "", ""])
-    earlier = False
+    rows.append(blank)
+    earlier = set()
 
-    def mcell(group, key):
-        nonlocal earlier
-        t, now = mtimes.get(group)
-        if not t or t.get(key) is None:
-            return "cached" if not t else "n/a"
-        if not now:
-            earlier = True
-            return f"{t[key]:.2f}*"
-        return float(t[key])
+    def tcells(key, group=None):
+        """The frozen columns' cells for a group's timing (None: each column's start-up group)."""
+        out = []
+        for c in cols:
+            cell, old = c.times.cell(group or c.startup_group or f"{first} test", key)
+            out.append(cell)
+            if old:
+                earlier.add(str(c.times.path))
+        return out
 
+    first = next(iter(test), None)
     for name in test:
-        rows.append([f"time: {name} test, s per clip (steady)", mcell(f"{name} test", "steady_s_per_clip"),
+        rows.append([f"time: {name} test, s per clip (steady)", *tcells("steady_s_per_clip", f"{name} test"),
                      result["sets"][name]["ours_seconds_per_clip"]])
     if "versions" in result:
-        rows.append([f"time: {vset} versions, s per file (steady)", mcell(f"{vset} versions", "steady_s_per_clip"),
+        rows.append([f"time: {vset} versions, s per file (steady)", *tcells("steady_s_per_clip", f"{vset} versions"),
                      result["versions"]["ours_seconds_per_file"]])
-    first = next(iter(test), None)
     if first:
         startup_ours = ours.load_s + (ours.first_s or 0.0) - (result["sets"][first]["ours_seconds_per_clip"] or 0.0)
-        rows.append(["time: start-up s (musicnn: per worker run; ours: model load + trace)",
-                     mcell(f"{first} test", "startup_s"), startup_ours])
+        rows.append(["time: start-up s (musicnn: per worker run; others: model load + trace)",
+                     *tcells("startup_s"), startup_ours])
         result["ours_startup_s"] = startup_ours
-    result["musicnn_times"] = {"this_run": mtimes.now, "saved": mtimes.saved}
+    result["frozen_times"] = {c.key: {"this_run": c.times.now, "saved": c.times.saved} for c in cols}
 
     result["wall_s"] = time.perf_counter() - t_start
     mc = result["machine"]
@@ -471,30 +598,40 @@ def main(argv=None):
           f"load {mc['loadavg_1m']}")
     print(f"ours: {card.model_id}, trained on {', '.join(sorted(trained_on)) or 'unknown sets'}; "
           f"{windows} windows, batch {batch_size}, {ours.embedder.precision}")
-    print("musicnn genres: probe " + "; ".join(f"{n}: L2 {i['l2']:g} on {i['train']}+{i['val']} train+val clips"
-                                              for n, i in result["probes"].items()))
+    for c in cols:
+        print(f"{c.title} genres: probe " + "; ".join(f"{n}: L2 {i['l2']:g} on {i['train']}+{i['val']} train+val clips"
+                                                      for n, i in result["probes"][c.key].items()))
     print()
-    print(table(rows, ["", "musicnn MSD", ours_col]))
+    print(table(rows, ["", *(c.title for c in cols), ours_col]))
     print()
-    notes.append("musicnn genres come from a softmax probe on its clip embeddings fitted on train+val only; ours are "
-                 "the model's own outputs; top genre among the scored set's genres")
-    notes.append("macro-F1 (each genre >= 0.5) thresholds sigmoid outputs (ours) but softmax probabilities (probe): "
-                 "compare the top-genre rows")
+    if cols:
+        notes.append(f"{', '.join(c.title for c in cols)}: frozen; genres from a softmax probe on the clip embeddings "
+                     "fitted on train+val only; ours are the model's own outputs; top genre among the scored set's genres")
+        notes.append("macro-F1 (each genre >= 0.5) thresholds sigmoid outputs (ours) but softmax probabilities (probes): "
+                     "compare the top-genre rows")
+    if "msd+tags" in keys:
+        notes.append("MSD CRNN + tags: the probe reads [32-d state, mean of the 50 tag logits]; its cosine rows use "
+                     "the state, as MSD CRNN's")
     if probe_all:
         notes.append("probe on all sets: ours repeats its own X test numbers (a model trained on all sets is the "
                      "like-for-like); probe on Y only: ours only where the model was not trained on X")
     notes.append("5th pct cosine: each analyser's own embedding space, not comparable in scale; same-clip neighbours is")
-    notes.append(f"time: one clip at a time; musicnn (1 TF thread) runs every 3 s window of the clip, ours {windows} "
-                 f"windows of ~32 s (TF default threads); other load on the machine counts")
+    notes.append(f"time: one clip at a time; musicnn (1 TF thread) runs every 3 s window of the clip, MSD CRNN "
+                 f"{MSD_WINDOWS} windows of 29 s (and writes its cache), ours {windows} windows of ~32 s (TF default "
+                 "threads); other load on the machine counts")
     if earlier:
-        notes.append("* measured in an earlier run, when those musicnn outputs were computed "
-                     f"(kept in {mtimes.path})")
+        notes.append(f"* measured in an earlier run, when those outputs were computed (kept in {', '.join(sorted(earlier))})")
     for n in notes:
         print(f"- {n}")
     print(f"total {result['wall_s']:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
         log(f"wrote {args.json}")
+
+
+def _pick(pair, i):
+    """(probe input, unit embedding) from msd_features' (state, [state, tag logits]): the state is the embedding."""
+    return None if pair is None else (pair[i], pair[0])
 
 
 def _json_default(o):
