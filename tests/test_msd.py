@@ -210,9 +210,8 @@ def test_teacher_targets_are_computed_once(tiny_sets, released, tmp_path):
     assert again.computed == 0
     np.testing.assert_array_equal(first.train.tags, second.train.tags)
     # the targets are the frozen original's tags for each window
-    net = again.frozen
     assert first.train.tags.shape[1] == 50 and np.all((first.train.tags > 0) & (first.train.tags < 1))
-    assert net.sha256 == finetune._sha256(released[0])
+    assert again.start.sha256 == finetune._sha256(released[0])
 
 
 def test_test_splits_never_reach_training(tiny_sets, released, tmp_path):
@@ -268,3 +267,22 @@ def test_finetuned_model_is_saved_as_the_family(tiny_sets, released, tmp_path):
     assert card.onnx is not None
     assert "Choi" in card.extra["training"]["credit"] and "MIT" in card.extra["training"]["credit"]
     assert card.extra["training"]["clips"] == {"train": 12, "val": 4}
+
+
+def test_a_model_of_the_family_is_a_start(tiny_sets, released, tmp_path):
+    """Library training starts from the shipped model: its stem and top, a new genre head, its tags as teacher."""
+    from beetsplug.crnn import finetune
+    from beetsplug.crnn.features import MSD
+
+    run = _run(tiny_sets, released, tmp_path / "model")
+    run.save(run.fit(1), "crnn-msd-test", "test")
+    start = finetune.Start(tmp_path / "model")
+    assert start.card is not None and start.sha256 == start.card.sha256
+    net = start.network(["x", "y"])
+    assert net.get_layer("genres").get_weights()[0].shape == (32, 2)
+    np.testing.assert_array_equal(net.get_layer("gru2").get_weights()[0], run.top.get_layer("gru2").get_weights()[0])
+    same = start.network(["calm", "loud", "mixed"])  # the same genres: the head is kept too
+    np.testing.assert_array_equal(same.get_layer("genres").get_weights()[0], run.top.get_layer("genres").get_weights()[0])
+    y = np.random.default_rng(0).normal(0, 0.1, (1, MSD.window_samples)).astype(np.float32)
+    stem, emb, tags = finetune.Frozen(start)(MSD.log_mels(y))
+    assert stem.shape == (1, 4, 60, 128) and emb.shape == (1, 32) and tags.shape == (1, 50)
