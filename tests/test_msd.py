@@ -286,3 +286,39 @@ def test_a_model_of_the_family_is_a_start(tiny_sets, released, tmp_path):
     y = np.random.default_rng(0).normal(0, 0.1, (1, MSD.window_samples)).astype(np.float32)
     stem, emb, tags = finetune.Frozen(start)(MSD.log_mels(y))
     assert stem.shape == (1, 4, 60, 128) and emb.shape == (1, 32) and tags.shape == (1, 50)
+
+
+@pytest.mark.slow
+def test_crnntrain_on_a_library_starts_from_a_model_of_the_family(tmp_path):
+    """`beet crnntrain` from an MSD-family model (as from the shipped one): fine-tuned on the library's genres,
+    held-out artists scored, the broken file one line, the result loadable and evaluated by crnneval."""
+    from beetsplug.crnn import msd
+    from beetsplug.crnn.features import MSD
+    from beetsplug.crnn.model import Embedder, ModelCard
+    from beetsplug.crnn.train import save_model
+    from conftest import BeetsEnv
+    from test_libtrain import ALIASES, family_library, model_folders
+
+    start = tmp_path / "start"
+    save_model(random_msd(seed=7, n_genres=2), start, ["classical", "rock"], msd.ARCHITECTURE, {"training": {}},
+               name="crnn-msd-start", tags=msd.TAGS, features=MSD.params)
+    env = BeetsEnv(tmp_path / "lib", start, extra_config=ALIASES)
+    family_library(env, artists_per_genre=4, tracks_per_artist=2)
+    proc = env.run("crnntrain", "--min-tracks", "5", "--val-fraction", "0.25", "--test-fraction", "0.25",
+                   "--init-from", start, "--epochs", "3", "--lr", "0.003", timeout=1800)
+    out, err = proc.stdout, proc.stderr
+    assert "fine-tuning crnn-msd-start-" in out and "best epoch" in out
+    bad = [line for line in err.splitlines() if "broken.wav" in line]
+    assert len(bad) == 1 and "left out" in bad[0]
+    folder = model_folders(env)[0]
+    card = ModelCard.load(folder)
+    assert card.family == "msd-crnn" and card.front is MSD and card.tags == msd.TAGS
+    assert card.genres == ["classical", "electronic", "hip-hop"]
+    assert card.extra["training"]["start"]["model"].startswith("crnn-msd-start-")
+    assert card.extra["training"]["library"]["field"] == "genre"
+    test = card.extra["metrics"]["test"]["library"]
+    assert test["tracks"] >= 6 and 0 <= test["accuracy"] <= 1
+    Embedder(card)
+    proc = env.run("crnneval", "--model", folder, "--json", env.root / "eval.json")
+    report = json.loads((env.root / "eval.json").read_text())
+    assert report["models"][card.model_id]["accuracy"] == pytest.approx(test["accuracy"])

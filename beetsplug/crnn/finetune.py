@@ -164,8 +164,9 @@ class FeatureCache:
         except (OSError, ValueError, KeyError):
             return None
 
-    def fill(self, jobs, workers: int = 2, log=log_stderr) -> dict:
-        """Compute what is missing for [(path, n_windows)]; returns {(path, n_windows): entry}."""
+    def fill(self, jobs, workers: int = 2, log=log_stderr, warn=None) -> dict:
+        """Compute what is missing for [(path, n_windows)]; returns {(path, n_windows): entry}. A file that
+        cannot be decoded is one ``warn`` line and is left out."""
         out, todo = {}, []
         for path, n in jobs:
             entry = self.load(path, n)
@@ -188,7 +189,7 @@ class FeatureCache:
         with ThreadPoolExecutor(workers) as pool:
             for i, (job, mels, error) in enumerate(pool.map(decode, todo), 1):
                 if error:
-                    log(f"left out: {error}")
+                    (warn or log)(f"{error} (left out)")
                     continue
                 x, emb, tags = self.frozen(mels)
                 entry = {"x": x.astype(np.float16), "tags": tags.astype(np.float32), "emb": emb.astype(np.float32)}
@@ -218,7 +219,10 @@ class Rows:
 
 def make_rows(records, entries, genres, label_sets) -> Rows:
     """``entries``: per record, a list of cache entries (the clip and its versions)."""
-    xs, ys, ms, ts, es, cs = [], [], [], [], [], []
+    n = len(genres)
+    xs, ys, ms, ts, es, cs = [np.zeros((0, 4, 60, 128), np.float16)], [np.zeros((0, n), np.float32)], \
+        [np.zeros((0, n), np.float32)], [np.zeros((0, len(msd.TAGS)), np.float32)], \
+        [np.zeros((0, msd.GRU_UNITS), np.float32)], [np.zeros(0, int)]
     for i, (r, clip_entries) in enumerate(zip(records, entries)):
         target = np.zeros(len(genres), np.float32)
         for g in (r.genre, *r.more):
@@ -327,7 +331,7 @@ def score_val(records, rows: Rows, emb, probs, genres, label_sets, k=5) -> dict:
         per_genre = {g: {a for a, t in zip(artists, truth) if t == g} for g in set(truth)}
         if min(len(a) for a in per_genre.values()) >= 3:
             scores.append(float(p5))
-    out["score"] = float(np.mean(scores))
+    out["score"] = float(np.mean(scores)) if scores else float("nan")
     return out
 
 
@@ -339,7 +343,7 @@ class Run:
 
     def __init__(self, records, cache: FeatureCache, out_dir, versions=DEFAULT_VERSIONS, version_dir=None,
                  unfreeze="gru", lr=1e-3, tag_weight=1.0, emb_weight=0.0, batch_size=32, seed=0, workers=2,
-                 log=log_stderr):
+                 log=log_stderr, warn=None):
         self.log = log
         self.out = Path(out_dir)
         self.config = {"unfreeze": unfreeze, "lr": lr, "tag_weight": tag_weight, "emb_weight": emb_weight,
@@ -355,7 +359,8 @@ class Run:
         self.cache = cache
         paths = self._version_paths(versions, version_dir, workers)
         jobs = [(p, TRAIN_WINDOWS) for ps in paths for p in ps] + [(r.path, audio.DEFAULT_WINDOWS) for r in self.val_records]
-        entries = cache.fill(jobs, workers, log)
+        entries = cache.fill(jobs, workers, log, warn)
+        self.left_out = {p for p, n in jobs if (p, n) not in entries}  # files that could not be decoded
         self.train = make_rows(self.fit_records, [[entries[(p, TRAIN_WINDOWS)] for p in ps if (p, TRAIN_WINDOWS) in entries]
                                                   for ps in paths], self.genres, self.label_sets)
         self.val = make_rows(self.val_records, [[entries[(r.path, audio.DEFAULT_WINDOWS)]] if (r.path, audio.DEFAULT_WINDOWS)
@@ -430,6 +435,8 @@ class Run:
         return step
 
     def predict(self, rows: Rows, batch=256):
+        if not len(rows):
+            return np.zeros((0, msd.GRU_UNITS), np.float32), np.zeros((0, len(self.genres)), np.float32)
         outs = [self.top(rows.x[i : i + batch].astype(np.float32), training=False) for i in range(0, len(rows), batch)]
         return (np.concatenate([np.asarray(o[0]) for o in outs]), np.concatenate([np.asarray(o[1]) for o in outs]))
 
@@ -499,7 +506,7 @@ class Run:
             t0 = time.time()
             order = rng.permutation(len(self.train))
             losses = []
-            for i in range(0, len(order) - bs + 1, bs):
+            for i in range(0, len(order), bs):  # the last batch may be smaller
                 b = np.sort(order[i : i + bs])
                 tr = self.train
                 losses.append(float(step(tr.x[b].astype(np.float32), tr.y[b], tr.mask[b], tr.tags[b], tr.emb[b])))
@@ -507,7 +514,7 @@ class Run:
             emb, probs = self.predict(self.val)
             val = score_val(self.val_records, self.val, emb, probs, self.genres, self.label_sets)
             history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val": val, "seconds": time.time() - t0})
-            if val["score"] > best["score"]:
+            if val["score"] > best["score"] or not np.isfinite(best["score"]):  # no val: the last epoch
                 best = {"epoch": epoch, "score": val["score"], "val": val}
                 self.top.save_weights(str(self._best_path()))
             self.save_checkpoint(epoch, rng, best, history)
@@ -542,7 +549,7 @@ class Run:
             "val": result["best"]["val"], "history": [{k: v for k, v in h.items() if k != "val"} | {"score": h["val"]["score"]}
                                                        for h in result["history"]],
             "teacher": "the frozen released network's 50 tags on every window and version (tag head)",
-            "command": command}, **(extra or {})}
+            "command": command, **(extra or {})}}
         return save_model(full, self.out, self.genres, msd.ARCHITECTURE, extra, name=name, tags=msd.TAGS,
                           features=MSD.params, log=self.log)
 

@@ -767,6 +767,8 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
         check_installed()
     if args.dry_run:
         return {"plan": p}
+    if init_from is not None and start.family == "msd-crnn":
+        return _train_library_msd(args, p, start, config_dir, log, say, warn, workers)
     cache_dir, models_dir = library_paths(config_dir, args)
     max_bytes = int(args.cache_max_gb * 1e9) if args.cache_max_gb and args.cache_max_gb > 0 else None
     cache = ExcerptCache(cache_dir, args.windows, max_bytes=max_bytes)
@@ -861,17 +863,85 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
     return {"card": card, "folder": folder, "plan": p, "failed": failed}
 
 
+def _train_library_msd(args, p: Plan, start, config_dir, log, say, warn=None, workers=None) -> dict:
+    """Library training from a model of the MSD CRNN family (the shipped one): ``finetune`` on the library's
+    records, the start's stem cached once per track (decoding only the windows it reads), the start's tags as
+    the tag head's teacher. Test artists' tracks are only scored."""
+    from . import finetune
+    from .model import ModelCard
+
+    cache_dir, models_dir = library_paths(config_dir, args)
+    stem_cache = finetune.FeatureCache(cache_dir.parent / "msd", finetune.Start(start.weights.parent))
+    versions = tuple(v for v in (args.versions or "").split(",") if v)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(os.path.expanduser(args.out)) if args.out else models_dir / f".training-{os.getpid()}"
+    try:
+        run = finetune.Run([r for r in p.records if r.split != "test"], stem_cache, out, versions,
+                           args.version_cache or str(cache_dir.parent / "versions"), unfreeze="gru", lr=args.lr,
+                           batch_size=max(args.batch_size, 16), seed=args.seed, workers=workers or 2, log=log,
+                           warn=warn)
+        result = run.fit(args.epochs, patience=args.patience)
+        say(f"best epoch {result['best']['epoch']} of {result['epoch']}: val {finetune._brief(result['best']['val'])}")
+        summary = p.summary()
+        summary["tracks"] = {s: sum(r.split == s for r in p.records) for s in dataset.SPLITS}
+        card = run.save(result, args.name, args.command if hasattr(args, "command") else "beet crnntrain",
+                        extra={"library": summary})
+        folder = out
+        if not args.out:
+            folder = models_dir / card.model_id
+            if folder.exists():
+                shutil.rmtree(folder)
+            out.rename(folder)
+    finally:
+        if not args.out and out.exists():
+            shutil.rmtree(out, ignore_errors=True)
+    card = ModelCard.load(folder)
+    mels = dataset.MelCache(cache_dir.parent / f"{card.front.name}-mels", card.front)  # as serving_cache has it
+    metrics = card.extra.setdefault("metrics", {})
+    for split in ("val", "test"):
+        chosen = []
+        for r in p.records:
+            if r.split != split or r.path in run.left_out:
+                continue
+            try:
+                mels.serving(r.path, args.windows)
+                chosen.append(r)
+            except CrnnError as exc:  # a held-out file that cannot be decoded: one line, not scored
+                (warn or log)(f"{exc} (left out)")
+        if chosen:
+            metrics.setdefault(split, {})[SOURCE] = score(chosen, card, mels, args.windows)
+    card.save(folder / "crnn.json")
+    test = metrics.get("test", {}).get(SOURCE)
+    if test:
+        pk = test["precision_at_k"]
+        say(f"held-out test artists ({test['tracks']} tracks): top-1 accuracy {test['accuracy']:.3f}, "
+            f"macro F1 {test['macro']['f1']:.3f}, precision@{pk['k']} {_num(pk['cosine'])} cosine / "
+            f"{_num(pk['genre'])} genre-aware")
+    return {"card": card, "folder": folder, "plan": p, "failed": []}
+
+
 def _num(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
 
 
 # ---- evaluation ----
 
+def serving_cache(cache, card):
+    """``cache`` where it holds what ``card``'s front end hears (the level-free log-mels); for another family's
+    front end (the MSD CRNN's), a log-mel cache of that front end beside it."""
+    from .features import LEVEL_FREE
+
+    if card.front is LEVEL_FREE or getattr(cache, "front", None) is card.front:
+        return cache
+    return dataset.MelCache(Path(cache.folder).parent / f"{card.front.name}-mels", card.front)
+
+
 def embed(records, card, cache, n_windows, embedder=None):
     """(unit embeddings, genre probabilities) per record, from the windows crnnembed analyses."""
     from .model import embedder_for, pool_track
 
     embedder = embedder or embedder_for(card, precision="float32")
+    cache = serving_cache(cache, card)
     embs, probs = [], []
     for r in records:
         e, p = pool_track(*embedder(cache.serving(r.path, n_windows)))
