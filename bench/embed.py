@@ -148,17 +148,19 @@ def timed_map(fn, files, workers):
     return time.perf_counter() - t, time.process_time() - c, out
 
 
-def floor_decode(files, windows, workers):
+def floor_decode(files, windows, workers, front=None):
     from beetsplug.crnn import audio
 
-    wall, cpu, out = timed_map(lambda p: len(audio.load_windows(p, windows)), files, workers)
+    wall, cpu, out = timed_map(lambda p: len(audio.load_windows(p, windows, front=front)), files, workers)
     return wall, cpu, sum(out)
 
 
-def floor_decode_mel(files, windows, workers):
+def floor_decode_mel(files, windows, workers, front=None):
     from beetsplug.crnn import audio, pipeline
+    from beetsplug.crnn.features import LEVEL_FREE
 
-    wall, cpu, out = timed_map(lambda p: len(pipeline.track_mels(p, windows, audio.DEFAULT_TIMEOUT)[0]), files, workers)
+    wall, cpu, out = timed_map(lambda p: len(pipeline.track_mels(p, windows, audio.DEFAULT_TIMEOUT,
+                                                                 front=front or LEVEL_FREE)[0]), files, workers)
     return wall, cpu, sum(out)
 
 
@@ -168,7 +170,7 @@ def model_only(model_dir, n_windows, batch_size, runtime="onnx", precision="auto
     from beetsplug.crnn.model import ModelCard, embedder_for
 
     emb = embedder_for(ModelCard.load(model_dir), batch_size=batch_size, precision=precision, runtime=runtime)
-    x = np.random.default_rng(0).normal(-30, 20, (batch_size, N_MELS, WINDOW_FRAMES)).astype(np.float32)
+    x = np.random.default_rng(0).normal(-30, 20, (batch_size, N_MELS, WINDOW_FRAMES)).astype(np.float32)  # both fronts: 96 x 1366
     emb(x)
     done, c, t = 0, time.process_time(), time.perf_counter()
     while done < n_windows:
@@ -264,7 +266,7 @@ def main(argv=None):
             Path(f).read_bytes()
         quarter = max(1, n // 4)
         with quiet_fd2():  # imports (scipy.fft, soxr), mel filters: paid once by crnnembed too, not per track
-            floor_decode_mel(files[:1], 1, 1)
+            floor_decode_mel(files[:1], 1, 1, card.front)
         per_windows = []
         runtimes = [x.strip() for x in args.runtime.split(",") if x.strip()]
         batch_line = f"  batch_size: {args.batch_size}\n" if args.batch_size else ""
@@ -272,12 +274,12 @@ def main(argv=None):
             floor = {"windows": w}
             log(f"windows={w}: floor decode")
             with quiet_fd2():
-                wall, cpu, nwin = floor_decode(files, w, workers)
+                wall, cpu, nwin = floor_decode(files, w, workers, card.front)
             floor.update(decode_tps=n / wall, decode_cpu_per_track=cpu / n, windows_per_track=nwin / n)
             log(f"  {n / wall:.2f} tracks/s ({nwin} windows)")
             log(f"windows={w}: floor decode + log-mel")
             with quiet_fd2():
-                wall, cpu, _ = floor_decode_mel(files, w, workers)
+                wall, cpu, _ = floor_decode_mel(files, w, workers, card.front)
             floor.update(decode_mel_tps=n / wall, decode_mel_cpu_per_track=cpu / n)
             log(f"  {n / wall:.2f} tracks/s")
             for runtime in runtimes:
