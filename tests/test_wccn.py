@@ -63,7 +63,7 @@ def test_projected_replaces_a_projection_and_keeps_every_output(tmp_path):
     arch = dict(card.architecture, projection="wccn")
     once = wccn.projected(card, base, spd(), arch)
     P2 = spd()
-    twice = wccn.projected(card, once, P2, arch)  # as crnn-consistency refits a tuned, projected model
+    twice = wccn.projected(card, once, P2, arch)  # as research/consistency.py refits a tuned, projected model
     x = rng.standard_normal((2, 96, 1366, 1)).astype(np.float32)
     (e0, p0, t0), (_, p1, t1), (e2, p2, t2) = [[o.numpy() for o in m(x, training=False)] for m in (base, once, twice)]
     for p in (p1, p2):

@@ -1,7 +1,7 @@
 """How the shipped model's embedding space is laid out, and what two post-hoc fixes would buy.
 
-    python bench/space.py                          # emotify + gtzan val splits (never test)
-    python bench/space.py --sets emotify --model DIR
+    python research/space.py                          # emotify + gtzan val splits (never test)
+    python research/space.py --sets emotify --model DIR
 
 Why: the robustness report's same-clip neighbours (0.891 on emotify test) miss the 0.95
 target although each version sits at cosine >= 0.97 of its original; this measures whether
@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the benchmarks' helpers
 
 from _common import ROOT, print_json  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Train on a lent GPU machine (Keras 3 on JAX; no TensorFlow, beets, ffmpeg or audio there) from pack.py's shards.
 
-    python3 tools/gpu/train_gpu.py /tmp/data /tmp/runs/A -- <crnntrain options>
+    python3 research/gpu/train_gpu.py /tmp/data /tmp/runs/A -- <crnntrain options>
 
 Everything but where the Trainer's data comes from is the project's own training code:
 ``train.run`` with its ``fit``, ``epoch_data``, averaging and card. The package is imported
@@ -131,8 +131,8 @@ def main():
         import jax
 
         where = f"JAX {jax.__version__}, {jax.devices()[0].device_kind}"
-    extra = {"trained_on": f"Keras {keras.__version__} on {where} (tools/gpu/train_gpu.py); log-mels packed as "
-                           f"uint8 steps of {META['step']:g} dB (tools/gpu/pack.py)"}
+    extra = {"trained_on": f"Keras {keras.__version__} on {where} (research/gpu/train_gpu.py); log-mels packed as "
+                           f"uint8 steps of {META['step']:g} dB (research/gpu/pack.py)"}
     card = train.run(args, log=lambda s: print(s, flush=True), records=META["records"], card_extra=extra)
     print("model", card.model_id, flush=True)
 

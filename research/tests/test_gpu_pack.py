@@ -1,4 +1,4 @@
-"""tools/gpu/pack.py: log-mels shrunk for a lent GPU machine come back close to what training reads here."""
+"""research/gpu/pack.py: log-mels shrunk for a lent GPU machine come back close to what training reads here."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audiogen import has_ffmpeg, signal
-from beetsplug.crnn import audio, model
-from beetsplug.crnn.features import log_mel
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "research" / "gpu"
+sys.path[:0] = [str(TOOLS), str(ROOT / "tests")]  # pack.py; the suite's helpers (audiogen, labelled sets)
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools" / "gpu"
-sys.path.insert(0, str(TOOLS))
+from audiogen import has_ffmpeg, signal  # noqa: E402
+from beetsplug.crnn import audio, model  # noqa: E402
+from beetsplug.crnn.features import log_mel  # noqa: E402
 from pack import quantise, restore  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def test_packed_data_trains_through_the_gpu_runner(tmp_path):
     card.verify()
     training = card.extra["training"]
     assert training["epochs_run"] == 2 and training["clips"] == {"train": 4, "val": 2, "unlabelled": 0}
-    assert "tools/gpu/train_gpu.py" in training["trained_on"] and "1 dB" in training["trained_on"]
+    assert "research/gpu/train_gpu.py" in training["trained_on"] and "1 dB" in training["trained_on"]
     assert training["command"].startswith(f"python -m beetsplug.crnn.train {data} --epochs 2")
     net = model.build_for(card)
     net.load_weights(str(card.weights))  # the weights load where crnnembed's Keras runtime loads them

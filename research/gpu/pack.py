@@ -1,6 +1,6 @@
 """Pack what a training run reads (log-mels, codec versions, teacher targets) for a machine without the audio.
 
-    python tools/gpu/pack.py .gpu ../shared/data/emotify ../shared/data/gtzan -- --versions default --teacher musicnn
+    python research/gpu/pack.py .gpu ../shared/data/emotify ../shared/data/gtzan -- --versions default --teacher musicnn
 
 A GPU machine that is lent for a few minutes has no ffmpeg, no musicnn and no data sets, and takes
 at most 64 MiB per call. This builds the Trainer here, exactly as ``crnntrain`` does (caches filled

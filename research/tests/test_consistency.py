@@ -1,18 +1,24 @@
-"""crnn-consistency: the top of the network tuned so that versions of a window land on the clean window."""
+"""research/consistency.py: the top of the network tuned so that versions of a window land on the clean window."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from audiogen import has_ffmpeg
-from beetsplug.crnn import consistency, dataset, wccn
-from beetsplug.crnn.errors import CrnnError
-from beetsplug.crnn.model import Embedder, ModelCard
-from conftest import make_model
-from test_training_data import _labelled_set
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "research"), str(ROOT / "tests")]  # consistency.py; the suite's helpers
+
+import consistency  # noqa: E402
+from audiogen import has_ffmpeg  # noqa: E402
+from beetsplug.crnn import dataset, wccn  # noqa: E402
+from beetsplug.crnn.errors import CrnnError  # noqa: E402
+from beetsplug.crnn.model import Embedder, ModelCard  # noqa: E402
+from conftest import make_model  # noqa: E402
+from test_training_data import _labelled_set  # noqa: E402
 
 
 def test_labels_count_only_the_genres_a_rows_source_labels(tmp_path):

@@ -1,6 +1,6 @@
 """Each trained model's outputs on fixed inputs under JAX, saved beside its weights (jax_outputs.npz).
 
-``python tools/gpu/compare_tf.py DIR...`` on the CPU machine loads the same weights under
+``python research/gpu/compare_tf.py DIR...`` on the CPU machine loads the same weights under
 TensorFlow and prints the largest difference: a GPU run must load and match there.
 """
 import sys

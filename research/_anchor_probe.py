@@ -1,4 +1,4 @@
-"""Helpers for bench/anchor.py: a numpy genre probe, clip features of the frozen networks, timings.
+"""Helpers for research/anchor.py: a numpy genre probe, clip features of the frozen networks, timings.
 
 - ``Probe``: multinomial logistic regression (softmax, L2 on the weights) on standardised
   features, fitted by L-BFGS (scipy) or, without scipy, full-batch gradient descent.

@@ -1,10 +1,10 @@
 """Anchor benchmark: public networks trained on the Million Song Dataset, frozen with a linear probe, and a
 beets-crnn model, side by side, same clips, same protocol.
 
-    nice -n 19 python bench/anchor.py                          # every set in ../shared/data, the shipped model
-    nice -n 19 python bench/anchor.py --model DIR --json anchor.json
-    nice -n 19 python bench/anchor.py --model /tmp/smoke --limit 6 --clips-per-genre 1   # a quick dry run
-    nice -n 19 python bench/anchor.py --frozen msd,msd+tags    # without musicnn (not installed, or too slow)
+    nice -n 19 python research/anchor.py                          # every set in ../shared/data, the shipped model
+    nice -n 19 python research/anchor.py --model DIR --json anchor.json
+    nice -n 19 python research/anchor.py --model /tmp/smoke --limit 6 --clips-per-genre 1   # a quick dry run
+    nice -n 19 python research/anchor.py --frozen msd,msd+tags    # without musicnn (not installed, or too slow)
 
 Every labelled set under --data (a folder with metadata.csv; default ../shared/data) is used,
 through beetsplug.crnn.dataset.read_records. Analysers (--frozen picks the frozen ones):
@@ -62,6 +62,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the benchmarks' helpers
 
 from _common import ROOT, machine, table  # noqa: E402
 from _anchor_probe import (Caches, clip_embedding, fit_probe, msd_features, rate, read_times, restrict,  # noqa: E402

@@ -1,4 +1,4 @@
-"""Teach the top of the network that versions of a clip are the clip: ``crnn-consistency DATA... --out DIR``.
+"""Teach the network's top that versions of a clip are the clip: ``python research/consistency.py DATA... --out DIR``.
 
 Why: a louder master through a limiter, a low-passed copy or another codec still moves the
 model's outputs enough to change the top genre of clips near a genre boundary, and neither
@@ -14,7 +14,7 @@ on the clean window as the teacher (clean teacher, altered student):
 The conv layers stay frozen, so their output ("features") is computed once per window and
 cached: on a CPU the fine-tune takes minutes rather than the hours of retraining. A WCCN
 projection is then refitted on the new embedding (``wccn``). Test splits never reach it.
-README ("crnn-consistency") has what it was measured to do.
+docs/experiments/2026-12-04-crnn-consistency.rst has what it was measured to do: it was not shipped.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dataset, wccn
-from .errors import CrnnError
-from .features import model_input
-from .model import ModelCard, build_for, import_tensorflow, l2_normalise, require_tensorflow
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: python research/consistency.py
+
+from beetsplug.crnn import dataset, wccn  # noqa: E402
+from beetsplug.crnn.errors import CrnnError  # noqa: E402
+from beetsplug.crnn.features import model_input  # noqa: E402
+from beetsplug.crnn.model import ModelCard, build_for, import_tensorflow, l2_normalise, require_tensorflow  # noqa: E402
 
 FRONT_END = "to_sequence"  # the last frozen layer: conv stack output as a sequence over time
-# The sweep's best for agreement across versions (README); the labels overfit the train clips.
+# The sweep's best for agreement across versions (the experiment's page); the labels overfit the train clips.
 DEFAULT_EPOCHS = 30
 DEFAULT_LR = 1e-3
 DEFAULT_WEIGHTS = {"embedding": 300.0, "clean_genres": 10.0, "tags": 1.0, "genres": 0.0}
@@ -115,7 +117,7 @@ def _predict(model, X, batch=512) -> list:
 
 def labels(records, genres, groups, n_windows):
     """(targets, mask) per row: a row's clip genre(s), counted only over the genres its source labels."""
-    from .train import _hot
+    from beetsplug.crnn.train import _hot
 
     for r in records:
         missing = [g for g in (r.genre, *r.more) if g not in genres]
@@ -202,7 +204,7 @@ def loss_terms(outs, targets: dict) -> dict:
     import keras
     from keras import ops
 
-    from .train import masked_bce
+    from beetsplug.crnn.train import masked_bce
 
     e = outs[0] / ops.maximum(ops.norm(outs[0], axis=1, keepdims=True), 1e-12)
     terms = {"embedding": ops.mean(ops.sum((e - targets["e0"]) ** 2, axis=1)),
@@ -214,7 +216,7 @@ def loss_terms(outs, targets: dict) -> dict:
 
 
 def run(args, log=print) -> ModelCard:
-    from .train import save_model
+    from beetsplug.crnn.train import save_model
 
     require_tensorflow()  # before any decoding: a plain install cannot train
     card = wccn.source_model(args)
@@ -243,7 +245,7 @@ def run(args, log=print) -> ModelCard:
     extra.pop("wccn", None)  # refitted below, on the tuned model
     extra["consistency"] = {
         "from": card.model_id,
-        "command": " ".join(["python -m beetsplug.crnn.consistency"] + [shlex.quote(a) for a in sys.argv[1:]]),
+        "command": " ".join(["python research/consistency.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "data": [str(d) for d in args.data],
         **data.describe(),
         "rows": int(len(X)),
@@ -266,7 +268,7 @@ def run(args, log=print) -> ModelCard:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crnn-consistency", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="research/consistency.py", description=__doc__.split("\n\n")[0])
     wccn.add_version_arguments(p, "the model to tune (default: the shipped model)")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     p.add_argument("--lr", type=float, default=DEFAULT_LR)
@@ -286,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return wccn.command_main("crnn-consistency", build_parser(), run, argv)
+    return wccn.command_main("research/consistency.py", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
