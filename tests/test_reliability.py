@@ -402,7 +402,7 @@ def test_ctrl_c_in_the_middle_of_a_store_is_held_until_the_item_is_saved(tmp_pat
     signal arrives right after the first write, and the item still ends up whole, then the interrupt comes."""
     from beets.dbcore import db
 
-    from beetsplug.crnn.plugin import _sigint_held
+    from beetsplug.crnn.commands.embed import _sigint_held
 
     env = make_env(tmp_path, tiny_model)
     item_id = env.add(write(env.music / "x.wav", 1.0))

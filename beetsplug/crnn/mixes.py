@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from . import rank, search
+from . import search
 from .errors import CrnnError
 
 
@@ -87,11 +87,7 @@ def _one(entry, name, label, defaults) -> Mix:
     if not isinstance(filters, list) or not all(isinstance(f, str) for f in filters):
         raise MixError(f"{label}: filter must be a query or a list of queries")
     mode = get("mode", str, defaults.mode)
-    if mode not in rank.MODES:
-        raise MixError(f"{label}: mode must be one of {', '.join(rank.MODES)}, not {mode!r}")
     order = get("order", str, defaults.order)
-    if order not in search.ORDERS:
-        raise MixError(f"{label}: order must be one of {', '.join(search.ORDERS)}, not {order!r}")
     weight = get("genre_weight", (int, float), defaults.genre_weight)
     cap = get("max_per_artist", int, defaults.max_per_artist or 0)
     if cap < 0:
@@ -103,6 +99,10 @@ def _one(entry, name, label, defaults) -> Mix:
         raise MixError(f"{label}: a song path (to) is made of tracks, not albums")
     settings = replace(defaults, mode=mode, genre_weight=float(weight), max_per_artist=cap or None, genre=genre,
                        order=order, filters=list(defaults.filters) + filters)
+    try:
+        search.checked(settings, f"{label}: ")
+    except CrnnError as exc:
+        raise MixError(str(exc)) from None
     return Mix(name=name, query=query, n=n, settings=settings, to=to, albums=albums,
                include_seed=bool(get("include_seed", bool, False)))
 

@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import rank
+from .errors import CrnnError
 
 ORDERS = ("score", "smooth")
 
@@ -55,6 +56,15 @@ class Catalogue:
             for i in new:
                 self._known[i] = found[i] if i in ok else None
         return {i: self._known[i] for i in ids if self._known[i] is not None}
+
+
+def checked(settings: Settings, where: str = "") -> Settings:
+    """``settings`` when its mode and order are known ones; ``where`` names their place in the error."""
+    for key, known in (("mode", rank.MODES), ("order", ORDERS)):
+        value = getattr(settings, key)
+        if value not in known:
+            raise CrnnError(f"{where}{key} must be one of {', '.join(known)}, not {value!r}")
+    return settings
 
 
 def first_batch(n: int) -> int:
