@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_gpu  # noqa: E402,F401  (the package without beets, TensorFlow imports off)
+import train_gpu  # noqa: E402,F401  (the checkout's package, TensorFlow imports off)
 from beetsplug.crnn import model  # noqa: E402
 from beetsplug.crnn.features import model_input  # noqa: E402
 

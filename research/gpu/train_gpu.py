@@ -3,10 +3,10 @@
     python3 research/gpu/train_gpu.py /tmp/data /tmp/runs/A -- <crnntrain options>
 
 Everything but where the Trainer's data comes from is the project's own training code:
-``train.run`` with its ``fit``, ``epoch_data``, averaging and card. The package is imported
-without its beets glue (``beetsplug/crnn/__init__.py`` imports beets), TensorFlow imports
-become no-ops, ``length_batches`` (tf.data) becomes a Keras PyDataset, and the ONNX export is
-left to ``python -m beetsplug.crnn.export`` on the CPU machine. The card's ``trained_on`` says
+``train.run`` with its ``fit``, ``epoch_data``, averaging and card. The package imports without
+beets (there is none there); TensorFlow imports become no-ops, ``length_batches`` (tf.data)
+becomes a Keras PyDataset, and the ONNX export is left to ``python -m beetsplug.crnn.export``
+on the CPU machine. The card's ``trained_on`` says
 where and how the model was trained.
 """
 import lzma
@@ -21,11 +21,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several runs share one GPU
 
 ROOT = Path(__file__).resolve().parents[2]
-for name, path in (("beetsplug", ROOT / "beetsplug"), ("beetsplug.crnn", ROOT / "beetsplug" / "crnn")):
-    mod = types.ModuleType(name)
-    mod.__path__ = [str(path)]
-    sys.modules[name] = mod
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # the checkout's package (it needs no beets); pack.py
 
 import numpy as np  # noqa: E402
 
