@@ -23,7 +23,7 @@ esac
 [ -n "$minimum" ] || { echo "setup.cfg: no beets>=X requirement found" >&2; exit 2; }
 
 FAST=(tests/test_embed.py tests/test_similar.py tests/test_mixes.py tests/test_tags.py tests/test_library.py
-      tests/test_index.py tests/test_paths.py tests/test_playlist.py tests/test_libtrain.py tests/test_teacher.py
+      tests/test_index.py tests/test_songpath.py tests/test_m3u.py tests/test_libtrain.py tests/test_teacher.py
       tests/test_reliability.py tests/test_radio.py)
 args=()
 if [ "${1:-}" = "--fast" ]; then

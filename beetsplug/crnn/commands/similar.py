@@ -1,6 +1,6 @@
 """``beet similar`` (tracks, or albums with ``-a``) and ``beet crnnpath`` (a song path between two seeds).
 
-The searching lives in ``search``, ``paths`` and ``rank``; here are the beets ends of it: options
+The searching lives in ``search``, ``songpath`` and ``rank``; here are the beets ends of it: options
 and config, seeds, ``--filter`` queries, printing and the playlist a result becomes. Saved mixes
 (``mixes``) and the radio run the same searches.
 """
@@ -178,14 +178,14 @@ def _similar_albums(plugin, lib, query, n, settings) -> Found:
 
 def _song_path(plugin, lib, start_query, end_query, n, settings) -> Found:
     """A path of ``n`` steps between two seeds."""
-    from .. import paths
+    from .. import songpath
 
     start, start_vec, start_probs, _ = track_seed(plugin, lib, start_query, "FROM_QUERY")
     end, end_vec, end_probs, _ = track_seed(plugin, lib, end_query, "TO_QUERY")
     index = load_index(plugin, lib)
     seeds = start + end
     try:
-        chosen = paths.walk(index, start_vec, end_vec, start_probs, end_probs, n, _picker(seeds, settings),
+        chosen = songpath.walk(index, start_vec, end_vec, start_probs, end_probs, n, _picker(seeds, settings),
                             catalogue(lib, settings), settings, exclude={item.id for item in seeds})
     except ValueError as exc:
         raise UserError(f"no path from {start_query!r} to {end_query!r}: {exc}") from None
@@ -208,12 +208,12 @@ def _picker(seeds, settings, albums=False) -> rank.Picker:
 
 def _finish(plugin, chosen, n, what, whole, settings, start, index, get) -> list:
     """[(beets object, candidate)] in the order asked for; one line when the whole library held fewer than ``n``."""
-    from .. import paths
+    from .. import songpath
 
     if len(chosen) < n and whole:
         plugin._log.info("only {} of {} {} found: the whole library was searched", len(chosen), n, what)
     if settings.order == "smooth":
-        chosen = paths.reorder(chosen, start, index)
+        chosen = songpath.reorder(chosen, start, index)
     out = []
     for cand in chosen:
         obj = get(cand.item_id)
@@ -311,7 +311,7 @@ def album_tracks(album) -> list:
 
 def write_playlist(plugin, lib, name, m3u8, items) -> None:
     """Write ``items`` as an M3U(8) playlist; a bare file name goes into crnn.playlist_dir."""
-    from .. import playlist
+    from .. import m3u
 
     path = os.path.expanduser(name)
     if not os.path.dirname(path):
@@ -326,7 +326,7 @@ def write_playlist(plugin, lib, name, m3u8, items) -> None:
         base = os.fsdecode(lib.directory)
     else:
         base = os.path.abspath(os.path.expanduser(str(relative_to)))
-    entries = [playlist.Entry(item.path, item.length or None, item.artist, item.title) for item in items]
+    entries = [m3u.Entry(item.path, item.length or None, item.artist, item.title) for item in items]
     with user_errors():
-        playlist.write(path, entries, base_dir=base, utf8=playlist.is_m3u8(path, m3u8))
+        m3u.write(path, entries, base_dir=base, utf8=m3u.is_m3u8(path, m3u8))
     plugin._log.info("wrote {} tracks to {}", len(entries), path)

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from beetsplug.crnn import playlist
+from beetsplug.crnn import m3u
 from beetsplug.crnn.errors import PlaylistError
-from beetsplug.crnn.playlist import Entry, is_m3u8, render, write
+from beetsplug.crnn.m3u import Entry, is_m3u8, render, write
 
 
 def test_relative_m3u_exact_bytes():
@@ -95,7 +95,7 @@ def test_failed_replace_keeps_old_file(tmp_path, monkeypatch):
     def fail(src, dst):
         raise OSError(13, "Permission denied")
 
-    monkeypatch.setattr(playlist.os, "replace", fail)
+    monkeypatch.setattr(m3u.os, "replace", fail)
     with pytest.raises(PlaylistError, match="Permission denied"):
         write(target, [Entry("/m/a.mp3", 1.0, "A", "B")])
     monkeypatch.undo()

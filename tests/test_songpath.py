@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from beetsplug.crnn import paths, rank, search
+from beetsplug.crnn import rank, search, songpath
 from beetsplug.crnn.index import SimilarityIndex
 
 
@@ -27,14 +27,14 @@ def test_smooth_order_hand_made():
     # Points on a line in 2-d, given in a scrambled order; the tour from the left end walks right.
     xs = [3.0, 1.0, 4.0, 2.0, 5.0]
     vectors = [at(x * 10) for x in xs]
-    assert paths.smooth_order(at(0), vectors) == [1, 3, 0, 2, 4]
+    assert songpath.smooth_order(at(0), vectors) == [1, 3, 0, 2, 4]
 
 
 def test_smooth_order_two_arms():
     vectors = [at(10, 1), at(12, 2), at(20, 1), at(22, 2)]
-    assert paths.smooth_order(at(0), vectors) == [0, 2, 1, 3]
+    assert songpath.smooth_order(at(0), vectors) == [0, 2, 1, 3]
     # Brute force: at each step the next is the closest remaining one to the previous.
-    order = paths.smooth_order(at(0), vectors)
+    order = songpath.smooth_order(at(0), vectors)
     prev, left = at(0), set(range(4))
     for i in order:
         assert angle(prev, vectors[i]) == pytest.approx(min(angle(prev, vectors[j]) for j in left))
@@ -43,29 +43,29 @@ def test_smooth_order_two_arms():
 
 
 def test_smooth_order_ties_keep_rank_and_edge_cases():
-    assert paths.smooth_order(at(0), [at(10, 1), at(10, 2)]) == [0, 1]
-    assert paths.smooth_order(at(0), []) == []
-    assert paths.smooth_order(at(0), [at(5)]) == [0]
+    assert songpath.smooth_order(at(0), [at(10, 1), at(10, 2)]) == [0, 1]
+    assert songpath.smooth_order(at(0), []) == []
+    assert songpath.smooth_order(at(0), [at(5)]) == [0]
 
 
 # --- waypoints ------------------------------------------------------------------------------------------------------
 
 def test_waypoints_even_in_angle_with_both_ends():
-    pts = paths.waypoints(at(0), at(90), 4)
+    pts = songpath.waypoints(at(0), at(90), 4)
     assert pts.shape == (4, 4)
     np.testing.assert_allclose(np.linalg.norm(pts, axis=1), 1.0)
     assert [round(angle(at(0), p), 6) for p in pts] == [0.0, 30.0, 60.0, 90.0]
-    assert angle(at(0), paths.waypoints(at(0), at(90), 1)[0]) == pytest.approx(45.0)
-    assert np.allclose(paths.waypoints(at(10), at(10), 3), at(10))
+    assert angle(at(0), songpath.waypoints(at(0), at(90), 1)[0]) == pytest.approx(45.0)
+    assert np.allclose(songpath.waypoints(at(10), at(10), 3), at(10))
 
 
 def test_waypoints_errors():
     with pytest.raises(ValueError, match="opposite"):
-        paths.waypoints(at(0), -at(0), 3)
+        songpath.waypoints(at(0), -at(0), 3)
     with pytest.raises(ValueError):
-        paths.waypoints(at(0), at(90), 0)
+        songpath.waypoints(at(0), at(90), 0)
     with pytest.raises(ValueError):
-        paths.waypoints(np.zeros(4), at(90), 3)
+        songpath.waypoints(np.zeros(4), at(90), 3)
 
 
 # --- walk over a real index -----------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_walk_straight_line_is_monotone():
     index = _line_index(degrees)
     settings = search.Settings(mode="cosine")
     picker = rank.Picker(seed_ids={1, 19})
-    steps = paths.walk(index, at(0), at(90), None, None, 6, picker, _catalogue(index), settings, exclude={1, 19})
+    steps = songpath.walk(index, at(0), at(90), None, None, 6, picker, _catalogue(index), settings, exclude={1, 19})
     got = [degrees[c.item_id - 1] for c in steps]
     assert got[0] == 5 and got[-1] == 85  # the nearest unused tracks to FROM and to TO
     assert got == sorted(got) and len(set(got)) == 6
@@ -102,6 +102,6 @@ def test_walk_keeps_artist_cap_and_skips_dry_steps():
     index = _line_index(degrees)
     artists = {2: "same", 3: "same", 4: "same", 5: "other"}
     picker = rank.Picker(seed_ids={1, 6}, max_per_artist=1)
-    steps = paths.walk(index, at(0), at(90), None, None, 3, picker, _catalogue(index, artists),
+    steps = songpath.walk(index, at(0), at(90), None, None, 3, picker, _catalogue(index, artists),
                        search.Settings(mode="cosine"), exclude={1, 6})
     assert [c.item_id for c in steps] == [2, 5]  # the third step has nothing left
