@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-cache", default=None,
                    help="keep the robustness versions in this folder (default: a temporary folder, removed after)")
     p.add_argument("--json", default=None, help="also write the report here")
-    p.add_argument("--update-card", action="store_true", help="record the metrics in the model card")
+    p.add_argument("--update-card", action="store_true",
+                   help="record the metrics in the card of the --model (needs --model: never the shipped card)")
     return p
 
 
@@ -108,6 +109,8 @@ def run(args, log=None) -> str:
     from .metrics import format_report
 
     log = log or (lambda m: print(m, file=sys.stderr))
+    if args.update_card and not args.model:  # the shipped card is the release's record, not a scratch pad
+        raise CrnnError("--update-card writes into the model's card: name the model with --model DIR")
     card = ModelCard.load(args.model)
     embedder = embedder_for(card, precision="float32")  # the ONNX export when the card has one, as crnnembed
     reports, out = {}, []
