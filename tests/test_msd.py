@@ -265,7 +265,9 @@ def test_finetuned_model_is_saved_as_the_family(tiny_sets, released, tmp_path):
     assert card.family == "msd-crnn" and card.tags == msd.TAGS
     assert card.genres == ["calm", "loud", "mixed"]
     assert card.onnx is not None
-    assert "Choi" in card.extra["training"]["credit"] and "MIT" in card.extra["training"]["credit"]
+    assert "Choi" in card.extra["training"]["credit"] and "MIT" in card.extra["license"]
+    notice = (tmp_path / "model" / msd.LICENSE_FILE).read_text()
+    assert "Copyright (c) 2016 Keunwoo Choi" in notice and "MIT License" in notice
     assert card.extra["training"]["clips"] == {"train": 12, "val": 4}
 
 

@@ -550,6 +550,9 @@ class Run:
                                                        for h in result["history"]],
             "teacher": "the frozen released network's 50 tags on every window and version (tag head)",
             "command": command, **(extra or {})}}
+        extra["license"] = f"{msd.CREDIT} The licence notice is in {msd.LICENSE_FILE} beside the weights."
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / msd.LICENSE_FILE).write_text(msd.LICENSE, "utf-8")
         return save_model(full, self.out, self.genres, msd.ARCHITECTURE, extra, name=name, tags=msd.TAGS,
                           features=MSD.params, log=self.log)
 

@@ -36,6 +36,30 @@ CREDIT = ("Derived from the MSD CRNN of Keunwoo Choi, György Fazekas, Mark Sand
           "'Convolutional recurrent neural networks for music classification', ICASSP 2017, trained on the "
           "Million Song Dataset; weights from keunwoochoi/music-auto_tagging-keras, MIT licence, "
           "copyright (c) 2016 Keunwoo Choi.")
+LICENSE_FILE = "LICENSE-choi2017-msd-crnn.txt"
+# The released weights' notice (MIT); it travels with every model derived from them.
+LICENSE = """MIT License
+
+Copyright (c) 2016 Keunwoo Choi
+
+Permission is hereby granted, free of charge, to any person obtaining a copy
+of this software and associated documentation files (the "Software"), to deal
+in the Software without restriction, including without limitation the rights
+to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+copies of the Software, and to permit persons to whom the Software is
+furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+"""
 ARCHITECTURE = {"family": FAMILY, "conv_filters": list(CONV_FILTERS), "gru_units": GRU_UNITS, "dropout": 0.1,
                 "gru_dropout": 0.3}
 
