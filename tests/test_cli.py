@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from beetsplug.crnn import evaluate
-from beetsplug.crnn.model import default_weights_dir
+from beetsplug.crnn.model import ModelCard, default_weights_dir
+from conftest import BeetsEnv
 
 
 def test_crnn_eval_update_card_needs_a_model(tmp_path, capsys):
@@ -13,3 +16,31 @@ def test_crnn_eval_update_card_needs_a_model(tmp_path, capsys):
     assert evaluate.main([str(tmp_path), "--update-card"]) == 1
     assert "--update-card writes into the model's card: name the model with --model DIR" in capsys.readouterr().err
     assert card.read_bytes() == before
+
+
+def test_crnn_train_needs_out(tmp_path, capsys):
+    """No default --out: one relative to the working directory could replace a checkout's model_weights/."""
+    from beetsplug.crnn import train
+
+    with pytest.raises(SystemExit) as exc:
+        train.main([str(tmp_path)])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_beet_crnntrain_data_files_the_model_in_the_config_directory(tmp_path, tiny_model):
+    """`beet crnntrain DATA` without --out writes crnn_models/<model id> where the library form does."""
+    from test_model import _tiny_dataset
+
+    data = _tiny_dataset(tmp_path / "data")
+    env = BeetsEnv(tmp_path / "beets", tiny_model.weights.parent)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = env.run("crnntrain", str(data), "--cache", str(tmp_path / "c"), "--epochs", "1", "--max-steps", "1",
+                   "--batch-size", "2", "--conv-filters", "4,4,4,4", "--gru-units", "4", cwd=work)
+    folders = [p for p in (env.root / "crnn_models").iterdir()]
+    assert len(folders) == 1 and not folders[0].name.startswith(".")
+    card = ModelCard.load(folders[0])
+    assert card.model_id == folders[0].name
+    assert f"wrote model {card.model_id} to {folders[0]}" in proc.stdout
+    assert list(work.iterdir()) == []  # nothing written where the command ran

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -603,72 +605,92 @@ def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), l
     return card
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(out_required=True) -> argparse.ArgumentParser:
+    """crnn-train's parser; `beet crnntrain DATA` parses with ``out_required=False`` (it files the model itself)."""
     p = argparse.ArgumentParser(prog="crnn-train", description="Train the beets-crnn CRNN on labelled audio.")
     p.add_argument("data", nargs="+",
                    help="one or more labelled sets: a manifest CSV (path, genre, split, artist) or a folder "
                         "(with metadata.csv, or genre/ subfolders); the model learns the union of their genres")
-    return add_options(p)
+    return add_options(p, out_required=out_required)
 
 
-def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The training options (all but the data): `beet crnntrain QUERY` trains on a library with the same ones."""
-    p.add_argument("--out", default="model_weights", help="folder for crnn.weights.h5 and crnn.json")
+EXPERIMENTS = "experiments and smoke tests (measured, not shipped: docs/experiments)"
+
+
+def add_options(p: argparse.ArgumentParser, out_required=False) -> argparse.ArgumentParser:
+    """The training options of both forms (`beet crnntrain QUERY` trains on a library with the same ones), in groups.
+
+    No default --out: a model written into the working directory could replace the checkout's own
+    model_weights/, the one that loads. crnn-train requires it; `beet crnntrain` files the model in
+    its config directory.
+    """
+    p.add_argument("--out", default=None, required=out_required,
+                   help="folder for crnn.weights.h5 and crnn.json" + (" (required)" if out_required else ""))
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="log-mel cache folder")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--patience", type=int, default=8)
-    p.add_argument("--crops", type=int, default=2, help="random crops per training clip per epoch")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
-    p.add_argument("--masking", action="store_true",
-                   help="mask random mel bands and time spans of each crop (SpecAugment-style)")
-    p.add_argument("--shift", type=int, default=0, help="shift crops by up to this many mel bands (0 = off)")
-    p.add_argument("--average", type=int, default=1,
-                   help="average the weights of this many best epochs; kept if val loss improves (1 = off)")
-    p.add_argument("--augment", default="",
-                   help=f"comma-separated log-mel edits applied to crops: {', '.join(augment.MEL_EDITS)}, or 'all'")
-    p.add_argument("--augment-p", type=float, default=0.5, help="probability of each log-mel edit per crop")
-    p.add_argument("--versions", default="",
-                   help="comma-separated codec versions to train on, made once with ffmpeg and cached "
-                        f"({', '.join(augment.CODEC_VERSIONS)}), or 'default' ({', '.join(augment.TRAIN_VERSIONS)})")
-    p.add_argument("--version-p", type=float, default=0.5, help="probability that a crop comes from a codec version")
-    p.add_argument("--version-cache", default=str(Path(".cache") / "versions"), help="folder for codec versions")
-    p.add_argument("--teacher", choices=["musicnn"], default=None,
-                   help="distil from this teacher too (needs the optional teacher packages)")
-    p.add_argument("--teacher-target", choices=TEACHER_TARGETS, default="both",
-                   help="what the student learns from the teacher: its 50 tags, its embedding, or both")
-    p.add_argument("--teacher-weight", type=float, default=1.0, help="weight of each teacher loss beside the genre loss")
-    p.add_argument("--teacher-cache", default=str(Path(".cache") / "teacher"), help="folder for teacher outputs")
-    p.add_argument("--unlabelled", action="append", default=[],
-                   help="a folder of audio without genres that the teacher alone teaches (needs --teacher; repeatable)")
-    p.add_argument("--pairs", type=float, default=0.0, metavar="WEIGHT",
-                   help="train on pairs of views of one place in a clip (clean / codec version) with a contrastive "
-                        "loss of this weight on the embedding, so versions of a clip land nearest each other (0 = off)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--anneal", type=float, default=0.0, metavar="FRACTION",
+    p.add_argument("--init-from", default=None, help="fine-tune from this model folder or card")
+    p.add_argument("--name", default="crnn", help="prefix of the model id (kept in the card as its name)")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip when validating")
+    p.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, default=40)
+    g.add_argument("--patience", type=int, default=8)
+    g.add_argument("--max-minutes", type=float, default=None, help="stop after this long (best weights kept)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--anneal", type=float, default=0.0, metavar="FRACTION",
                    help="in the last FRACTION of --max-minutes (else of --epochs) the learning rate falls along a "
                         "cosine to a tenth (0 = off: constant, halved on plateaus)")
-    p.add_argument("--short-crops", type=int, default=0, metavar="FRAMES",
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="decoupled weight decay as in AdamW, scaled by the learning rate (0 = plain Adam)")
+    g.add_argument("--average", type=int, default=1,
+                   help="average the weights of this many best epochs; kept if val loss improves (1 = off)")
+    g.add_argument("--no-recalibrate", action="store_true",
+                   help="keep Keras' running batch-norm statistics instead of recomputing them each epoch")
+
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--crops", type=int, default=2, help="random crops per training clip per epoch")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
+    g.add_argument("--masking", action="store_true",
+                   help="mask random mel bands and time spans of each crop (SpecAugment-style)")
+    g.add_argument("--shift", type=int, default=0, help="shift crops by up to this many mel bands (0 = off)")
+    g.add_argument("--augment", default="",
+                   help=f"comma-separated log-mel edits applied to crops: {', '.join(augment.MEL_EDITS)}, or 'all'")
+    g.add_argument("--augment-p", type=float, default=0.5, help="probability of each log-mel edit per crop")
+    g.add_argument("--versions", default="",
+                   help="comma-separated codec versions to train on, made once with ffmpeg and cached "
+                        f"({', '.join(augment.CODEC_VERSIONS)}), or 'default' ({', '.join(augment.TRAIN_VERSIONS)})")
+    g.add_argument("--version-p", type=float, default=0.5, help="probability that a crop comes from a codec version")
+    g.add_argument("--version-cache", default=str(Path(".cache") / "versions"), help="folder for codec versions")
+
+    g = p.add_argument_group("teacher (the [teacher] extra)")
+    g.add_argument("--teacher", choices=["musicnn"], default=None, help="distil from this teacher too")
+    g.add_argument("--teacher-target", choices=TEACHER_TARGETS, default="both",
+                   help="what the student learns from the teacher: its 50 tags, its embedding, or both")
+    g.add_argument("--teacher-weight", type=float, default=1.0, help="weight of each teacher loss beside the genre loss")
+    g.add_argument("--teacher-cache", default=str(Path(".cache") / "teacher"), help="folder for teacher outputs")
+    g.add_argument("--unlabelled", action="append", default=[],
+                   help="DATA only: a folder of audio without genres that the teacher alone teaches (repeatable; "
+                        "on a library, --teacher trains its tracks without a usable genre)")
+
+    g = p.add_argument_group("architecture (from scratch; --init-from keeps the starting model's)")
+    g.add_argument("--conv-filters", default=None, help="comma-separated widths of the 4 conv layers")
+    g.add_argument("--gru-units", type=int, default=None)
+    g.add_argument("--dropout", type=float, default=None,
+                   help=f"dropout after each conv block (default {DEFAULT_ARCHITECTURE['dropout']})")
+
+    g = p.add_argument_group(EXPERIMENTS)
+    g.add_argument("--pairs", type=float, default=0.0, metavar="WEIGHT",
+                   help="train on pairs of views of one place in a clip (clean / codec version) with a contrastive "
+                        "loss of this weight on the embedding, so versions of a clip land nearest each other (0 = off)")
+    g.add_argument("--short-crops", type=int, default=0, metavar="FRAMES",
                    help="train clips that fit in FRAMES log-mel frames (3 s excerpts) on crops of FRAMES frames "
                         f"of their loop, not of a whole {WINDOW_FRAMES}-frame window: about FRAMES/1366 "
                         "of a window's CPU (0 = off)")
-    p.add_argument("--short-share", type=float, default=1.0, metavar="FRACTION",
+    g.add_argument("--short-share", type=float, default=1.0, metavar="FRACTION",
                    help="with --short-crops: the share of those clips' crops that are short; the rest are whole "
                         "looped windows, the length crnnembed analyses them at (1 = all short)")
-    p.add_argument("--weight-decay", type=float, default=0.0,
-                   help="decoupled weight decay as in AdamW, scaled by the learning rate (0 = plain Adam)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip when validating")
-    p.add_argument("--conv-filters", default=None, help="comma-separated widths of the 4 conv layers")
-    p.add_argument("--gru-units", type=int, default=None)
-    p.add_argument("--dropout", type=float, default=None,
-                   help=f"dropout after each conv block (default {DEFAULT_ARCHITECTURE['dropout']})")
-    p.add_argument("--init-from", default=None, help="fine-tune from this model folder or card")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this long (best weights kept)")
-    p.add_argument("--max-steps", type=int, default=None, help="batches per epoch at most (smoke tests)")
-    p.add_argument("--no-recalibrate", action="store_true",
-                   help="keep Keras' running batch-norm statistics instead of recomputing them each epoch")
-    p.add_argument("--name", default="crnn", help="prefix of the model id (kept in the card as its name)")
+    g.add_argument("--max-steps", type=int, default=None, help="batches per epoch at most (smoke tests)")
     return p
 
 
@@ -705,6 +727,8 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
     training section; everything else is this same code.
     """
     require_tensorflow()  # before any decoding: a plain install cannot train
+    if not args.out:
+        raise CrnnError("--out DIR: the folder to write the model to")
     records = dataset.read_sources(args.data) if records is None else records
     edits = _names(args.augment, augment.MEL_EDITS, what="augmentation")
     versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
@@ -787,6 +811,27 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
     card = save_model(full, args.out, trainer.genres, arch, extra, name=args.name, tags=info["tags"], log=log)
     log(f"wrote {card.weights} and {Path(args.out) / CARD_NAME} (model id {card.model_id})")
     return card
+
+
+def train_into(models_dir, write) -> tuple[ModelCard, Path]:
+    """``write(folder)`` writes a model (returning its card); the folder is ``models_dir/<model id>`` once written.
+
+    The id is known only when the weights are, so the model is written beside, then renamed; a
+    model with the same id (the same weights again) is replaced. Returns (card, folder).
+    """
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = models_dir / f".training-{os.getpid()}"
+    try:
+        card = write(tmp)
+        folder = models_dir / card.model_id
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return card, folder
 
 
 def main(argv=None) -> int:

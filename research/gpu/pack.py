@@ -52,7 +52,7 @@ def restore(a: dict, step: float) -> np.ndarray:
 
 
 def pack(data, argv, out: Path, step=1.0, preset=6, call_mib=55.0, log=print) -> list[Path]:
-    args = train.build_parser().parse_args([*data, *argv])
+    args = train.build_parser(out_required=False).parse_args([*data, *argv])  # packs data: writes no model
     records = dataset.read_sources(args.data)
     versions = train._names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
     tr = train.Trainer(records, args.cache, n_windows=args.windows, log=log, versions=versions,

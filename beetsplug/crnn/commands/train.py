@@ -9,6 +9,7 @@ would run it; a query reads the items here and hands ``libtrain`` plain values.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from beets import config as beets_config
 from beets import ui
@@ -48,14 +49,24 @@ def run_train(plugin, lib, opts, args) -> None:
             require_tensorflow()  # before the library is decoded
     if not libtrain.names_data(args, opts.library):
         return train_library(plugin, lib, opts, args)
-    from ..train import build_parser, run
+    from ..train import build_parser, run, train_into
 
     _refuse_library_options(opts, libtrain.LIBRARY_OPTIONS, "training on DATA")
     argv = argv_from(opts, args)
-    ns = build_parser().parse_args(argv)
+    ns = build_parser(out_required=False).parse_args(argv)
     ns.command = "beet crnntrain " + " ".join(argv)
+
+    def write(folder):
+        ns.out = str(folder)
+        return run(ns, log=lambda m: plugin._log.info("{}", m))
+
     with user_errors():
-        run(ns, log=lambda m: plugin._log.info("{}", m))
+        if ns.out:  # the user's folder
+            write(ns.out)
+            return
+        # as on a library: crnn_models/<model id> in the beets config directory, never the working directory
+        card, folder = train_into(Path(beets_config.config_dir()) / libtrain.MODELS_DIR, write)
+    _wrote(card, folder)
 
 
 def run_eval(plugin, lib, opts, args) -> None:
@@ -84,10 +95,14 @@ def train_library(plugin, lib, opts, args) -> None:
             log=lambda m: plugin._log.info("{}", m), warn=lambda m: plugin._log.warning("{}", m), say=ui.print_,
             progress=lambda total: progress(total), workers=plugin.config["workers"].get(int) or None,
             timeout=plugin.config["timeout"].as_number() or None, windows=plugin.config["windows"].get(int))
-    if "card" not in result:
-        return  # --dry-run
-    folder = os.path.abspath(str(result["folder"]))
-    ui.print_(f"wrote model {result['card'].model_id} to {folder}")
+    if "card" in result:  # not with --dry-run
+        _wrote(result["card"], result["folder"])
+
+
+def _wrote(card, folder) -> None:
+    """Where the model is and how to use it."""
+    folder = os.path.abspath(str(folder))
+    ui.print_(f"wrote model {card.model_id} to {folder}")
     ui.print_("to use it, set this in your beets config (beet config -e):")
     ui.print_(f"    crnn: {{model: {yaml_scalar(folder)}}}")
     ui.print_("then run beet crnnembed: the model id changed, so every track is analysed again")
