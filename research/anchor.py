@@ -199,8 +199,8 @@ class MsdOutputs:
         from beetsplug.crnn.finetune import FeatureCache
 
         self.cache = FeatureCache(folder)
-        if not self.cache.weights_path.is_file():
-            raise SystemExit(f"anchor: the MSD CRNN weights are not at {self.cache.weights_path} (set "
+        if not self.cache.start.path.is_file():
+            raise SystemExit(f"anchor: the MSD CRNN weights are not at {self.cache.start.path} (set "
                              f"BEETS_CRNN_MSD_WEIGHTS, or leave it out: --frozen musicnn)")
         self.times = times
         self.memo: dict = {}
