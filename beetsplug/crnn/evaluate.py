@@ -52,8 +52,6 @@ def evaluate(records, card: ModelCard, cache_dir=Path(".cache") / "mels", split=
     Genres the model does not know are left out (counted in the report); the top genre is
     taken among the set's genres that the model knows.
     """
-    from .metrics import classification_report, precision_at_k
-
     chosen = [r for r in records if r.split == split]
     if not chosen:
         raise CrnnError(f"no records in split {split!r}")
@@ -66,22 +64,36 @@ def evaluate(records, card: ModelCard, cache_dir=Path(".cache") / "mels", split=
     embedder = embedder or embedder_for(card, precision="float32")
     cache = dataset.MelCache(cache_dir, card.front)
     embs, probs = embed_records(scored, embedder, cache, n_windows)
-    cols = [card.genres.index(g) for g in shared]
-    y = np.array([shared.index(r.genre) for r in scored])
-    report = classification_report(y, probs[:, cols], shared)
-    genres = [r.genre for r in scored]
-    artists = [r.artist or str(r.path) for r in scored]
-    report["precision_at_k"] = {
-        "k": k,
-        "cosine": precision_at_k(embs, probs, genres, artists, k=k, mode="cosine"),
-        "genre": precision_at_k(embs, probs, genres, artists, k=k, mode="genre", genre_weight=genre_weight),
-        "genre_weight": genre_weight,
-    }
+    report = genre_tables(scored, probs, card.genres, shared)
+    report["precision_at_k"] = neighbour_precision(scored, embs, probs, k, genre_weight)
     source = scored[0].source if scored else ""
     report.update({"split": split, "clips": len(scored), "model_id": card.model_id, "windows": n_windows,
                    "source": source, "in_training": source in training_sources(card) if source else None,
                    "genres_scored": shared, "left_out": {"genres": unknown, "clips": len(chosen) - len(scored)}})
     return report
+
+
+def genre_tables(records, probs, model_genres, shared) -> dict:
+    """The paper's tables for the records of the ``shared`` genres: each one's top genre among those."""
+    from .metrics import classification_report
+
+    idx = [i for i, r in enumerate(records) if r.genre in shared]
+    cols = [model_genres.index(g) for g in shared]
+    return classification_report(np.array([shared.index(records[i].genre) for i in idx]), probs[idx][:, cols], shared)
+
+
+def neighbour_precision(records, embs, probs, k=5, genre_weight=DEFAULT_GENRE_WEIGHT) -> dict:
+    """The recommender's precision@k over ``records``, cosine and genre-aware: neighbours by other artists only."""
+    from .metrics import precision_at_k
+
+    genres = [r.genre for r in records]
+    artists = [r.artist or str(r.path) for r in records]
+    return {
+        "k": k,
+        "cosine": precision_at_k(embs, probs, genres, artists, k=k, mode="cosine"),
+        "genre": precision_at_k(embs, probs, genres, artists, k=k, mode="genre", genre_weight=genre_weight),
+        "genre_weight": genre_weight,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
