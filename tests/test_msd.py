@@ -324,3 +324,38 @@ def test_crnntrain_on_a_library_starts_from_a_model_of_the_family(tmp_path):
     proc = env.run("crnneval", "--model", folder, "--json", env.root / "eval.json")
     report = json.loads((env.root / "eval.json").read_text())
     assert report["models"][card.model_id]["accuracy"] == pytest.approx(test["accuracy"])
+
+
+def test_frozen_network_with_a_probe_head(tiny_sets, released, tmp_path):
+    """--unfreeze none: the start's layers unchanged, a softmax probe (fitted on train + val windows) as the
+    genre head, folded so the served network needs no standardisation step; ONNX exports it."""
+    from beetsplug.crnn import finetune
+    from beetsplug.crnn.features import MSD
+    from beetsplug.crnn.model import ModelCard, OnnxEmbedder
+
+    from beetsplug.crnn import dataset
+
+    records = dataset.read_sources(tiny_sets)
+    cache = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
+    run = finetune.Run(records, cache, tmp_path / "probe", versions=(), unfreeze="none", log=lambda m: None)
+    result = finetune.fit_probe_head(run)
+    assert result["probe"]["l2"] > 0 and result["probe"]["windows"]["train"] == len(run.train)
+    card = run.save(result, "crnn-msd-probe", "test")
+    card = ModelCard.load(tmp_path / "probe")
+    assert card.architecture["genre_activation"] == "softmax" and card.onnx["checked"]["max_abs_diff"] <= 1e-4
+    y = np.random.default_rng(4).normal(0, 0.1, (2, MSD.window_samples)).astype(np.float32)
+    emb, probs, tags = OnnxEmbedder(card).analyse(MSD.log_mels(y))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # the state and tags are the start's, untouched
+    stem, state, teacher_tags = cache.frozen(MSD.log_mels(y))
+    np.testing.assert_allclose(tags, teacher_tags, atol=1e-4)
+    unit = state / np.linalg.norm(state, axis=1, keepdims=True)
+    np.testing.assert_allclose(emb, unit, atol=1e-4)
+    # the folded head equals the probe on the standardised state
+    from beetsplug.crnn.probe import fit_probe
+
+    y_train = [run.genres.index(run.fit_records[c].genre) for c in run.train.clip]
+    y_val = [run.genres.index(run.val_records[c].genre) for c in run.val.clip]
+    probe, _ = fit_probe(run.genres, run.train.emb, y_train, run.val.emb, y_val)
+    _, head = run.predict(run.val)
+    np.testing.assert_allclose(head, probe.predict_proba(run.val.emb), atol=1e-4)

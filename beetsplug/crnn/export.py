@@ -152,7 +152,10 @@ def to_onnx(net):
         kernel, bias = (np.asarray(v, np.float32) for v in layer[head].get_weights())
         nodes.append(helper.make_node("Gemm", ["embedding", const(f"{head}_w", kernel), const(f"{head}_b", bias)],
                                       [f"{head}_logit"]))
-        nodes.append(helper.make_node("Sigmoid", [f"{head}_logit"], [head]))
+        activation = layer[head].activation.__name__
+        if activation not in ("sigmoid", "softmax"):
+            raise ModelError(f"{head}: only sigmoid or softmax heads can be exported, not {activation}")
+        nodes.append(helper.make_node("Sigmoid" if activation == "sigmoid" else "Softmax", [f"{head}_logit"], [head]))
         outputs.append(helper.make_tensor_value_info(head, TensorProto.FLOAT, ["batch", kernel.shape[1]]))
     graph = helper.make_graph(nodes, "crnn", [helper.make_tensor_value_info("logmel", TensorProto.FLOAT,
                                                                             ["batch", N_MELS, WINDOW_FRAMES])],

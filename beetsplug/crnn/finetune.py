@@ -35,7 +35,7 @@ STEM_OUTPUT = "drop3"  # the cached layer: (4, 60, 128) per window
 TOP_LAYERS = ("conv4", "bn4", "elu4", "pool4", "drop4", "to_sequence", "gru1", "gru2", "drop_gru", "genres", "tags")
 TRAIN_WINDOWS = 3  # windows per training clip (a 60 s clip: start, middle, end); val: the served 2
 DEFAULT_VERSIONS = ("mp3-64k", "vorbis48", "aac96k")
-UNFREEZE = ("head", "gru", "conv4")
+UNFREEZE = ("none", "head", "gru", "conv4")
 CACHE_VERSION = 1
 DEFAULT_CACHE = Path(".cache") / "msd"
 
@@ -80,16 +80,17 @@ class Start:
             return {"model": self.card.model_id, "sha256": self.card.sha256}
         return {"weights": msd.WEIGHTS_FILE, "sha256": self.sha256}
 
-    def network(self, genres):
+    def network(self, genres, genre_activation="sigmoid"):
         """The start's network with a genre head for ``genres`` (kept from the start when its genres are these)."""
         from .model import build_for, import_tensorflow
 
         import_tensorflow()
         if self.card is None:
-            return msd.build_pretrained(genres, self.path)
+            return msd.build_pretrained(genres, self.path, genre_activation=genre_activation)
         source = build_for(self.card)
         source.load_weights(str(self.card.weights))
-        net = msd.build(len(genres), len(msd.TAGS), projection=bool(self.card.architecture.get("projection")))
+        net = msd.build(len(genres), len(msd.TAGS), projection=bool(self.card.architecture.get("projection")),
+                        genre_activation=genre_activation)
         keep = {layer.name for layer in net.layers} - (set() if list(genres) == self.card.genres else {"genres"})
         copy_weights(source, net, keep)
         return net
@@ -251,7 +252,7 @@ def check_no_test(records) -> None:
 # ---- the top: what trains ----
 
 
-def build_top(n_genres: int, n_tags: int, dropout=0.1, gru_dropout=0.3):
+def build_top(n_genres: int, n_tags: int, dropout=0.1, gru_dropout=0.3, genre_activation="sigmoid"):
     """conv4 .. heads, reading the cached stem output; layer names as in ``msd.build``."""
     import keras
     from keras import layers
@@ -267,7 +268,7 @@ def build_top(n_genres: int, n_tags: int, dropout=0.1, gru_dropout=0.3):
     x = layers.GRU(msd.GRU_UNITS, return_sequences=True, name="gru1", **gru)(x)
     emb = layers.GRU(msd.GRU_UNITS, name="gru2", **gru)(x)
     top = layers.Dropout(gru_dropout, name="drop_gru")(emb)
-    genres = layers.Dense(n_genres, activation="sigmoid", name="genres")(top)
+    genres = layers.Dense(n_genres, activation=genre_activation, name="genres")(top)
     tags = layers.Dense(n_tags, activation="sigmoid", name="tags")(top)
     return keras.Model(inp, [emb, genres, tags], name="msd_top")
 
@@ -280,10 +281,11 @@ def copy_weights(src, dst, names=TOP_LAYERS) -> None:
 
 
 def set_trainable(top, unfreeze: str) -> None:
-    """``head``: the genre head alone (a linear probe on the frozen state); ``gru``: the GRUs and both
-    heads; ``conv4``: conv4 too. Batch norms keep the MSD statistics (batches here are small)."""
-    if unfreeze not in UNFREEZE:
-        raise CrnnError(f"--unfreeze must be one of {', '.join(UNFREEZE)}")
+    """``head``: the genre head alone, by gradient descent; ``gru``: the GRUs and both heads; ``conv4``: conv4
+    too. Batch norms keep the MSD statistics (batches here are small). (``none``: nothing trains by
+    gradient; ``fit_probe_head`` fits the genre head.)"""
+    if unfreeze not in UNFREEZE or unfreeze == "none":
+        raise CrnnError(f"--unfreeze must be one of {', '.join(UNFREEZE[1:])} for a gradient run")
     trainable = {"head": {"genres"}, "gru": {"gru1", "gru2", "genres", "tags"},
                  "conv4": {"conv4", "gru1", "gru2", "genres", "tags"}}[unfreeze]
     for layer in top.layers:
@@ -346,6 +348,7 @@ class Run:
                  log=log_stderr, warn=None):
         self.log = log
         self.out = Path(out_dir)
+        self.genre_activation = "softmax" if unfreeze == "none" else "sigmoid"
         self.config = {"unfreeze": unfreeze, "lr": lr, "tag_weight": tag_weight, "emb_weight": emb_weight,
                        "batch_size": batch_size, "seed": seed, "versions": list(versions),
                        "train_windows": TRAIN_WINDOWS, "val_windows": audio.DEFAULT_WINDOWS}
@@ -400,10 +403,11 @@ class Run:
 
         import_tensorflow()
         keras.utils.set_random_seed(self.config["seed"])
-        full = self.cache.start.network(self.genres)
-        self.top = build_top(len(self.genres), len(msd.TAGS))
+        full = self.cache.start.network(self.genres, self.genre_activation)
+        self.top = build_top(len(self.genres), len(msd.TAGS), genre_activation=self.genre_activation)
         copy_weights(full, self.top)
-        set_trainable(self.top, self.config["unfreeze"])
+        if self.config["unfreeze"] != "none":
+            set_trainable(self.top, self.config["unfreeze"])
         self.optimizer = keras.optimizers.Adam(self.config["lr"])
         self.optimizer.build(self.top.trainable_variables)
 
@@ -536,7 +540,7 @@ class Run:
         """The full model (the start's stem + the best top) with its card and ONNX export."""
         from .train import save_model
 
-        full = self.cache.start.network(self.genres)
+        full = self.cache.start.network(self.genres, self.genre_activation)
         self.top.load_weights(str(self._best_path()))
         copy_weights(self.top, full)
         extra = {"training": {
@@ -553,8 +557,42 @@ class Run:
         extra["license"] = f"{msd.CREDIT} The licence notice is in {msd.LICENSE_FILE} beside the weights."
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / msd.LICENSE_FILE).write_text(msd.LICENSE, "utf-8")
-        return save_model(full, self.out, self.genres, msd.ARCHITECTURE, extra, name=name, tags=msd.TAGS,
+        if "probe" in result:
+            extra["training"]["genre_head"] = result["probe"]
+        arch = dict(msd.ARCHITECTURE, genre_activation=self.genre_activation)
+        return save_model(full, self.out, self.genres, arch, extra, name=name, tags=msd.TAGS,
                           features=MSD.params, log=self.log)
+
+
+def fit_probe_head(run: Run) -> dict:
+    """The frozen network with a softmax probe as its genre head (``--unfreeze none``).
+
+    The probe (``probe.fit_probe``: L2 chosen on val windows' log-loss, refitted on train + val) reads
+    each window's 32-d state as the start computes it, on every train window and codec version and
+    every val window; one genre per clip. Its standardisation folds into the head's weights, so the
+    served network is the start's layers plus one softmax layer; a track's genres are the mean of its
+    windows' softmax outputs, as for any head.
+    """
+    from .probe import fit_probe
+
+    labels = run.genres
+    y_train = np.array([labels.index(run.fit_records[c].genre) for c in run.train.clip])
+    y_val = np.array([labels.index(run.val_records[c].genre) for c in run.val.clip], dtype=np.int64)
+    probe, info = fit_probe(labels, run.train.emb, y_train, run.val.emb, y_val)
+    W = probe.W / probe.scale[:, None]
+    b = probe.b - (probe.mean / probe.scale) @ probe.W
+    run._build()
+    run.top.get_layer("genres").set_weights([W.astype(np.float32), b.astype(np.float32)])
+    emb, probs = run.predict(run.val)
+    val = score_val(run.val_records, run.val, emb, probs, run.genres, run.label_sets)
+    run.top.save_weights(str(run._best_path()))
+    info = {"probe": "softmax regression on the standardised 32-d state, per window", "l2": info["l2"],
+            "fit": info.get("method"), "windows": {"train": int(len(y_train)), "val": int(len(y_val))},
+            "val_log_loss": info.get("val_log_loss")}
+    run.log(f"probe head (L2 {info['l2']:g}, fitted on train + val windows): val {_brief(val)} (val took part in "
+            "the refit: this is not a held-out score)")
+    return {"finished": True, "epoch": 0, "best": {"epoch": 0, "score": val["score"], "val": val},
+            "history": [{"epoch": 0, "val": val}], "probe": info}
 
 
 def _brief(val: dict) -> str:
@@ -608,7 +646,10 @@ def main(argv=None) -> int:
         cache = FeatureCache(args.cache, weights=args.weights)
         run = Run(records, cache, out, versions, args.version_cache, args.unfreeze, args.lr, args.tag_weight,
                   args.emb_weight, args.batch_size, args.seed, args.workers)
-        result = run.fit(args.epochs, resume=args.resume, patience=args.patience, stop_after=args.stop_after)
+        if args.unfreeze == "none":
+            result = fit_probe_head(run)
+        else:
+            result = run.fit(args.epochs, resume=args.resume, patience=args.patience, stop_after=args.stop_after)
         if not result["finished"]:
             return 0
         card = run.save(result, args.name, "crnn-finetune " + " ".join(argv if argv is not None else sys.argv[1:]))

@@ -283,7 +283,8 @@ def build_for(card: ModelCard):
 
         import_tensorflow()
         return msd.build(len(card.genres), len(card.tags), dropout=arch.get("dropout", 0.1),
-                         gru_dropout=arch.get("gru_dropout", 0.3), projection=bool(arch.get("projection")))
+                         gru_dropout=arch.get("gru_dropout", 0.3), projection=bool(arch.get("projection")),
+                         genre_activation=arch.get("genre_activation", "sigmoid"))
     return build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch.get("dropout", 0.1),
                  n_tags=len(card.tags), projection=bool(arch.get("projection")))
 

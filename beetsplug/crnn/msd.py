@@ -81,7 +81,7 @@ def keras1_hard_sigmoid(x):
 
 
 def build(n_genres: int, n_tags: int = len(TAGS), frames: int = 1366, dropout: float = 0.1, gru_dropout: float = 0.3,
-          projection: bool = False):
+          projection: bool = False, genre_activation: str = "sigmoid"):
     """The MSD CRNN with a genre head beside its tag head: input (b, 96, 1366, 1) standardised log-mel;
     outputs (embedding = gru2's 32-d state, genre probabilities[, tag probabilities])."""
     import keras
@@ -104,7 +104,8 @@ def build(n_genres: int, n_tags: int = len(TAGS), frames: int = 1366, dropout: f
     if projection:
         emb = layers.Dense(GRU_UNITS, use_bias=False, name="projection")(emb)
     top = layers.Dropout(gru_dropout, name="drop_gru")(emb)
-    outputs = [emb, layers.Dense(n_genres, activation="sigmoid", name="genres")(top)]
+    # sigmoid (trained heads: genres of several sources) or softmax (a probe fitted on the frozen state)
+    outputs = [emb, layers.Dense(n_genres, activation=genre_activation, name="genres")(top)]
     if n_tags:
         outputs.append(layers.Dense(n_tags, activation="sigmoid", name="tags")(top))
     return keras.Model(inp, outputs, name="msd_crnn")
@@ -151,11 +152,11 @@ def port(net, path=None) -> None:
             layers[name].set_weights(values)
 
 
-def build_pretrained(genres, path=None, tags: bool = True):
+def build_pretrained(genres, path=None, tags: bool = True, genre_activation: str = "sigmoid"):
     """The released network with a fresh genre head for ``genres`` (its tag head kept when ``tags``)."""
     from .model import import_tensorflow
 
     import_tensorflow()
-    net = build(len(genres), len(TAGS) if tags else 0)
+    net = build(len(genres), len(TAGS) if tags else 0, genre_activation=genre_activation)
     port(net, path)
     return net
