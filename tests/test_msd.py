@@ -358,4 +358,4 @@ def test_frozen_network_with_a_probe_head(tiny_sets, released, tmp_path):
     y_val = [run.genres.index(run.val_records[c].genre) for c in run.val.clip]
     probe, _ = fit_probe(run.genres, run.train.emb, y_train, run.val.emb, y_val)
     _, head = run.predict(run.val)
-    np.testing.assert_allclose(head, probe.predict_proba(run.val.emb), atol=1e-4)
+    np.testing.assert_allclose(head, probe.predict_proba(run.val.emb), atol=1e-3)  # the stem is cached in float16
