@@ -36,7 +36,7 @@ def _raw_outputs(embedder, x):
 def test_shipped_onnx_matches_keras_on_stored_inputs():
     card = shipped_card()
     assert card.onnx and card.onnx["checked"]["max_abs_diff"] <= 1e-4
-    x = _fixed_input()
+    x = _fixed_input(card.front)
     onnx_out = _raw_outputs(OnnxEmbedder(card), x)
     keras_out = _raw_outputs(Embedder(card, precision="float32"), x)
     assert len(onnx_out) == len(keras_out) == 3  # embedding, genres, tags

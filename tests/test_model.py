@@ -169,9 +169,14 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     assert "top-1 accuracy" in proc.stdout and "precision@1" in proc.stdout
 
 
-def _fixed_input():
-    """A fixed generated input: one full window of each kind of sound."""
-    return np.stack([log_mel(audio.fit_window(signal(40.0, kind=k, seed=7))) for k in ("tonal", "beat", "silence")])
+def _fixed_input(front=None):
+    """A fixed generated input: one full window of each kind of sound, as ``front`` (the level-free front end
+    unless given; the shipped card's for the shipped model) hears it."""
+    if front is None:
+        return np.stack([log_mel(audio.fit_window(signal(40.0, kind=k, seed=7))) for k in ("tonal", "beat", "silence")])
+    ys = [audio.fit_window(signal(40.0, sr=front.sample_rate, kind=k, seed=7), front.window_samples)
+          for k in ("tonal", "beat", "silence")]
+    return front.log_mels(np.stack(ys))
 
 
 def shipped_card():
@@ -184,11 +189,13 @@ def shipped_card():
 def test_shipped_card_matches_weights():
     card = shipped_card()
     card.verify()
-    assert card.architecture["conv_filters"] == [68, 137, 137, 137] and card.architecture["gru_units"] == 68
-    assert len(card.genres) >= 2
+    assert card.family == "msd-crnn" and card.architecture["conv_filters"] == [64, 128, 128, 128]
+    assert card.architecture["gru_units"] == 32 and card.front.name == "msd"
+    assert len(card.genres) >= 2 and len(card.tags) == 50
+    assert "Choi" in card.extra["license"] and "MIT" in card.extra["license"]
 
 
-def _fixed_versions(folder):
+def _fixed_versions(folder, front):
     """One fixed generated 40 s clip as a library holds it: the WAV, 20 dB quieter, 6 dB louder
     (FLAC, 44.1 kHz stereo), and re-encoded as MP3 and Ogg Vorbis (soundfile's encoders, no ffmpeg)."""
     import soundfile as sf
@@ -207,7 +214,7 @@ def _fixed_versions(folder):
             up = np.clip(2.0 * soxr.resample(y, 22050, 44100), -1, 1)
             data = np.stack([up, up], axis=1)
         sf.write(str(path), data, sr, **kw)
-        out[name] = np.stack([log_mel(w) for w in audio.load_windows(path, 2)])
+        out[name] = front.log_mels(np.stack(audio.load_windows(path, 2, front=front)))
     return out
 
 
@@ -215,7 +222,7 @@ def test_shipped_weights_give_stored_outputs(tmp_path):
     card = shipped_card()
     stored = np.load(REGRESSION)
     assert str(stored["model_id"]) == card.model_id, "regenerate tests/data/shipped_outputs.npz for the new model"
-    emb, probs = Embedder(card)(_fixed_input())
+    emb, probs = Embedder(card)(_fixed_input(card.front))
     np.testing.assert_allclose(emb, stored["embeddings"], atol=1e-4)
     np.testing.assert_allclose(probs, stored["probs"], atol=1e-4)
 
@@ -226,7 +233,7 @@ def test_shipped_model_hears_the_same_clip_in_every_file(tmp_path):
 
     card = shipped_card()
     embedder = Embedder(card)
-    tracks = {name: pool_track(*embedder(mels)) for name, mels in _fixed_versions(tmp_path).items()}
+    tracks = {name: pool_track(*embedder(mels)) for name, mels in _fixed_versions(tmp_path, card.front).items()}
     original = tracks["original"][0]
     for name, (emb, probs) in tracks.items():
         assert float(emb @ original) > 0.98, f"{name}: cosine {float(emb @ original):.3f} to the original"
@@ -238,7 +245,7 @@ def test_shipped_model_hears_the_same_clip_in_every_file(tmp_path):
 def test_bfloat16_inference_stays_close_to_float32():
     """The shipped model in bfloat16 (crnnembed's choice on CPUs that have it) ranks like float32."""
     card = shipped_card()
-    x = _fixed_input()
+    x = _fixed_input(card.front)
     emb32, probs32 = Embedder(card, precision="float32")(x)
     emb16, probs16 = Embedder(card, precision="bfloat16")(x)
     assert np.all(np.sum(emb32 * emb16, axis=1) > 0.999)  # cosine between the two unit vectors
@@ -261,9 +268,9 @@ def regenerate():
 
     card = shipped_card()
     embedder = Embedder(card)
-    emb, probs = embedder(_fixed_input())
+    emb, probs = embedder(_fixed_input(card.front))
     with tempfile.TemporaryDirectory() as tmp:
-        versions = _fixed_versions(Path(tmp))
+        versions = _fixed_versions(Path(tmp), card.front)
     version_embeddings = np.stack([pool_track(*embedder(versions[n]))[0] for n in sorted(versions)])
     REGRESSION.parent.mkdir(exist_ok=True)
     np.savez(REGRESSION, embeddings=emb, probs=probs, version_embeddings=version_embeddings,
