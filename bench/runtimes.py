@@ -35,7 +35,7 @@ RUNTIMES = ("onnx", "litert", "keras-float32", "keras-bfloat16")
 
 def inputs(n):
     """Model inputs (n, 96, 1366): the fixed windows the ONNX export is checked on, repeated."""
-    from beetsplug.crnn.export import check_inputs
+    from beetsplug.crnn.training.export import check_inputs
 
     x = check_inputs(4)
     return np.concatenate([x] * (n // len(x) + 1))[:n]

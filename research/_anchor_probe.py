@@ -11,7 +11,7 @@
 - ``rate``: start-up and steady seconds per clip from each clip's wall seconds.
 - ``Caches``: look a file's teacher outputs up in several ``TeacherCache`` folders.
 - Run as a script, this file is the ``runner`` that ``teacher.compute`` starts: it starts the
-  real worker (``python -m beetsplug.crnn.teacher``) unchanged, passes its input and output
+  real worker (``python -m beetsplug.crnn.training.teacher``) unchanged, passes its input and output
   through, and writes when each file finished to a side file, so the benchmark can tell the
   worker's start-up from its steady seconds per clip. Imports numpy only (no TensorFlow).
 """
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from beetsplug.crnn.probe import DEFAULT_L2, L2_GRID, Probe, _softmax, fit_probe, one_blas_thread  # noqa: E402,F401
+from beetsplug.crnn.training.probe import (DEFAULT_L2, L2_GRID, Probe, _softmax, fit_probe,  # noqa: E402,F401
+                                           one_blas_thread)
 
 
 def restrict(P: np.ndarray, columns) -> np.ndarray:
@@ -99,7 +100,7 @@ class Caches:
 def runner_command(times_file: Path, cache_dir: Path) -> list:
     """The ``runner`` for ``teacher.compute``: this file wrapping the real worker."""
     return [sys.executable, str(Path(__file__).resolve()), "--times", str(times_file), "--",
-            sys.executable, "-m", "beetsplug.crnn.teacher", "--cache", str(cache_dir)]
+            sys.executable, "-m", "beetsplug.crnn.training.teacher", "--cache", str(cache_dir)]
 
 
 def read_times(times_file: Path) -> dict | None:

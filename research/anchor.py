@@ -7,9 +7,9 @@ beets-crnn model, side by side, same clips, same protocol.
     nice -n 19 python research/anchor.py --frozen msd,msd+tags    # without musicnn (not installed, or too slow)
 
 Every labelled set under --data (a folder with metadata.csv; default ../shared/data) is used,
-through beetsplug.crnn.dataset.read_records. Analysers (--frozen picks the frozen ones):
+through beetsplug.crnn.training.dataset.read_records. Analysers (--frozen picks the frozen ones):
 
-- musicnn MSD (Pons and Serra 2019), through beetsplug.crnn.teacher: per-3 s-window tags and
+- musicnn MSD (Pons and Serra 2019), through beetsplug.crnn.training.teacher: per-3 s-window tags and
   200-d 'penultimate' embeddings, computed in a subprocess and cached (TeacherCache). A clip's
   embedding is the mean over its windows, L2-normalised. musicnn has no genre output for these
   sets, so its genres come from a probe: softmax regression on the standardised clip embeddings,
@@ -173,7 +173,7 @@ def log_times(t):
 
 def musicnn_compute(paths, cache, lookup, group, times: Times):
     """musicnn outputs for the paths not yet in any cache, computed into ``cache`` and timed."""
-    from beetsplug.crnn import teacher
+    from beetsplug.crnn.training import teacher
 
     todo = [str(p) for p in dict.fromkeys(paths) if not lookup.has(p)]
     if not todo:
@@ -196,7 +196,7 @@ class MsdOutputs:
     missing is computed one file at a time (decode, front end, network, cache write) and timed."""
 
     def __init__(self, folder: Path, times: Times):
-        from beetsplug.crnn.finetune import FeatureCache
+        from beetsplug.crnn.training.finetune import FeatureCache
 
         self.cache = FeatureCache(folder)
         if not self.cache.start.path.is_file():
@@ -280,7 +280,7 @@ class Ours:
     def analyse(self, path):
         """(unit embedding, genre probs, wall s) or None when the file cannot be analysed."""
         from beetsplug.crnn.errors import CrnnError
-        from beetsplug.crnn.robustness import analyse_file
+        from beetsplug.crnn.training.robustness import analyse_file
 
         key = str(path)
         if key not in self.memo:
@@ -309,7 +309,7 @@ def steady(seconds):
 
 
 def scores(y, P, labels):
-    from beetsplug.crnn.metrics import classification_report
+    from beetsplug.crnn.training.metrics import classification_report
 
     rep = classification_report(y, P, labels)
     return {"accuracy": rep["accuracy"], "macro_f1_top": top_genre_macro_f1(rep), "macro_f1_threshold": rep["macro"]["f1"],
@@ -339,11 +339,11 @@ def main(argv=None):
     if unknown_keys := [k for k in frozen if k not in FROZEN]:
         raise SystemExit(f"anchor: --frozen {', '.join(unknown_keys)}: not one of {', '.join(FROZEN)}")
 
-    from beetsplug.crnn import augment, dataset
-    from beetsplug.crnn.evaluate import training_sources
-    from beetsplug.crnn.metrics import precision_at_k
-    from beetsplug.crnn.robustness import pick_clips, summarise
-    from beetsplug.crnn.teacher import TeacherCache
+    from beetsplug.crnn.training import augment, dataset
+    from beetsplug.crnn.training.evaluate import training_sources
+    from beetsplug.crnn.training.metrics import precision_at_k
+    from beetsplug.crnn.training.robustness import pick_clips, summarise
+    from beetsplug.crnn.training.teacher import TeacherCache
 
     t_start = time.perf_counter()
     set_dirs = find_sets(Path(args.data))

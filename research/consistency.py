@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: python research/consistency.py
 
-from beetsplug.crnn import dataset, wccn  # noqa: E402
+from beetsplug.crnn.training import dataset, wccn  # noqa: E402
 from beetsplug.crnn.errors import CrnnError  # noqa: E402
 from beetsplug.crnn.features import model_input  # noqa: E402
 from beetsplug.crnn.model import ModelCard, build_for, import_tensorflow, l2_normalise, require_tensorflow  # noqa: E402
@@ -117,7 +117,7 @@ def _predict(model, X, batch=512) -> list:
 
 def labels(records, genres, groups, n_windows):
     """(targets, mask) per row: a row's clip genre(s), counted only over the genres its source labels."""
-    from beetsplug.crnn.train import _hot
+    from beetsplug.crnn.training.train import _hot
 
     for r in records:
         missing = [g for g in (r.genre, *r.more) if g not in genres]
@@ -204,7 +204,7 @@ def loss_terms(outs, targets: dict) -> dict:
     import keras
     from keras import ops
 
-    from beetsplug.crnn.train import masked_bce
+    from beetsplug.crnn.training.train import masked_bce
 
     e = outs[0] / ops.maximum(ops.norm(outs[0], axis=1, keepdims=True), 1e-12)
     terms = {"embedding": ops.mean(ops.sum((e - targets["e0"]) ** 2, axis=1)),
@@ -216,7 +216,7 @@ def loss_terms(outs, targets: dict) -> dict:
 
 
 def run(args, log=print) -> ModelCard:
-    from beetsplug.crnn.train import save_model
+    from beetsplug.crnn.training.train import save_model
 
     require_tensorflow()  # before any decoding: a plain install cannot train
     card = wccn.source_model(args)

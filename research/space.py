@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the be
 
 from _common import ROOT, print_json  # noqa: E402
 
-from beetsplug.crnn import augment, dataset  # noqa: E402
+from beetsplug.crnn.training import augment, dataset  # noqa: E402
 from beetsplug.crnn.audio import DEFAULT_WINDOWS  # noqa: E402
-from beetsplug.crnn.metrics import classification_report, precision_at_k  # noqa: E402
+from beetsplug.crnn.training.metrics import classification_report, precision_at_k  # noqa: E402
 from beetsplug.crnn.model import ModelCard, embedder_for, l2_normalise  # noqa: E402
 from beetsplug.crnn.pipeline import track_mels  # noqa: E402
-from beetsplug.crnn.robustness import summarise  # noqa: E402
+from beetsplug.crnn.training.robustness import summarise  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from beetsplug.crnn import evaluate
+from beetsplug.crnn.training import evaluate
 from beetsplug.crnn.model import ModelCard, default_weights_dir
 from conftest import BeetsEnv
 
@@ -20,7 +20,7 @@ def test_crnn_eval_update_card_needs_a_model(tmp_path, capsys):
 
 def test_crnn_train_needs_out(tmp_path, capsys):
     """No default --out: one relative to the working directory could replace a checkout's model_weights/."""
-    from beetsplug.crnn import train
+    from beetsplug.crnn.training import train
 
     with pytest.raises(SystemExit) as exc:
         train.main([str(tmp_path)])

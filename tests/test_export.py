@@ -56,8 +56,8 @@ def test_export_of_a_trained_model_matches_keras(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-4)
     before = card.onnx["sha256"]
     (tmp_path / "m" / "crnn.onnx").unlink()
-    proc = subprocess.run([sys.executable, "-m", "beetsplug.crnn.export", str(tmp_path / "m")], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "beetsplug.crnn.training.export", str(tmp_path / "m")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     again = ModelCard.load(tmp_path / "m")
     assert again.onnx["sha256"] == before and again.model_id == card.model_id
@@ -66,7 +66,7 @@ def test_export_of_a_trained_model_matches_keras(tmp_path):
 
 def test_tag_head_is_exported(tmp_path):
     from beetsplug.crnn.model import build
-    from beetsplug.crnn.train import save_model
+    from beetsplug.crnn.training.train import save_model
 
     import keras
 

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 
 from audiogen import write
-from beetsplug.crnn import augment, dataset, teacher
-from beetsplug.crnn.fileid import content_id
+from beetsplug.crnn.training import augment, dataset, teacher
+from beetsplug.crnn.training.fileid import content_id
 
 
 def test_a_copy_with_a_new_mtime_hits_every_cache_and_a_changed_file_misses(tmp_path):

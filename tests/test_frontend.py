@@ -9,7 +9,8 @@ import pytest
 import soundfile as sf
 
 from audiogen import has_ffmpeg, signal
-from beetsplug.crnn import audio, augment, dataset
+from beetsplug.crnn import audio
+from beetsplug.crnn.training import augment, dataset
 from beetsplug.crnn.errors import CrnnError
 from beetsplug.crnn.features import AMIN, FLOOR_DB, FMAX, band_frequencies, log_mel, model_input
 

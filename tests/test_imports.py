@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # What crnn-train, crnn-eval, crnn-export, crnn-finetune, crnn-wccn and research/gpu import.
-WITHOUT_BEETS = ["beetsplug.crnn.train", "beetsplug.crnn.evaluate", "beetsplug.crnn.export", "beetsplug.crnn.finetune",
-                 "beetsplug.crnn.wccn", "beetsplug.crnn.libtrain", "beetsplug.crnn.robustness"]
+WITHOUT_BEETS = [f"beetsplug.crnn.training.{name}" for name in
+                 ("train", "evaluate", "export", "finetune", "wccn", "libtrain", "robustness")]
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

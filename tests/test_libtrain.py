@@ -22,9 +22,9 @@ import pytest
 import soundfile as sf
 
 from audiogen import write as write_clip
-from beetsplug.crnn import dataset, libtrain
+from beetsplug.crnn.training import dataset, libtrain
 from beetsplug.crnn.errors import CrnnError
-from beetsplug.crnn.fileid import content_id
+from beetsplug.crnn.training.fileid import content_id
 from conftest import BeetsEnv
 
 SR = 22050
@@ -334,7 +334,7 @@ TEACHER_HOP_S = 2.992
 def time_teacher(monkeypatch, asked):
     """A fake ``teacher.compute`` whose targets encode time: window w (centred at (w + 0.5) * hop s) says
     w on every tag and -w on every embedding dimension. Records the paths it is asked for."""
-    from beetsplug.crnn import teacher
+    from beetsplug.crnn.training import teacher
 
     def compute(paths, cache, log=print, runner=None):
         paths = [str(p) for p in paths]
@@ -371,7 +371,7 @@ def where_in_file(crop, whole, bands=slice(None)) -> tuple[int, float]:
 def test_teacher_targets_follow_a_crop_to_its_place_in_the_file(tmp_path, monkeypatch):
     """A long track cached as spans: a crop in its second span gets the teacher windows at its true time
     in the file (found by matching the crop against the whole file's log-mel), for codec versions too."""
-    from beetsplug.crnn import train
+    from beetsplug.crnn.training import train
     from beetsplug.crnn.audio import HOP_LENGTH
 
     long = write_clip(tmp_path / "long.wav", 200.0, kind="beat", seed=3)  # noise bursts: every frame differs
@@ -413,7 +413,7 @@ def test_teacher_targets_follow_a_crop_to_its_place_in_the_file(tmp_path, monkey
 # ---- new genre output on a model that knows other genres ----
 
 def test_init_from_with_new_head_keeps_every_other_layer(tmp_path, tiny_model):
-    from beetsplug.crnn import train
+    from beetsplug.crnn.training import train
     from beetsplug.crnn.model import build_for, ModelCard
 
     recs = []
@@ -676,7 +676,7 @@ TEACHER_SPLIT = ["--min-tracks", "2", "--val-fraction", "0.2", "--test-fraction"
 def test_library_teacher_trains_on_train_artists_only(tmp_path, monkeypatch):
     """What `beet crnntrain --teacher` hands the trainer: no test (or val) artist's track among the fit
     records, genre-less tracks of training artists as unlabelled, held-out genre-less tracks never decoded."""
-    from beetsplug.crnn import teacher, train
+    from beetsplug.crnn.training import teacher, train
 
     tracks = teacher_library(tmp_path / "music")
     checks, seen = [], {}
@@ -721,7 +721,7 @@ def test_library_teacher_trains_on_train_artists_only(tmp_path, monkeypatch):
 # written down. argv: fake teacher script, its call log, teacher cache folder, spy file, then beet's arguments.
 TEACHER_CLI = """\
 import json, sys
-from beetsplug.crnn import teacher, train
+from beetsplug.crnn.training import teacher, train
 
 script, counter, cache_dir, spy = sys.argv[1:5]
 real = teacher.compute

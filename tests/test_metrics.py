@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from beetsplug.crnn.metrics import (
+from beetsplug.crnn.training.metrics import (
     classification_report,
     format_report,
     precision_at_k,

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from audiogen import signal, write
-from beetsplug.crnn import audio, dataset
+from beetsplug.crnn import audio
+from beetsplug.crnn.training import dataset
 from beetsplug.crnn.errors import CrnnError, ModelError
 from beetsplug.crnn.features import log_mel
 from beetsplug.crnn.model import Embedder, ModelCard, default_weights_dir, resolve_precision
@@ -124,7 +125,8 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     data = _tiny_dataset(tmp_path / "data")
     out = tmp_path / "model"
     proc = subprocess.run(
-        [sys.executable, "-m", "beetsplug.crnn.train", str(data), "--out", str(out), "--cache", str(tmp_path / "c"),
+        [sys.executable, "-m", "beetsplug.crnn.training.train", str(data), "--out", str(out),
+         "--cache", str(tmp_path / "c"),
          "--epochs", "2", "--max-steps", "1", "--batch-size", "2", "--conv-filters", "4,4,4,4", "--gru-units", "4",
          "--dropout", "0.2", "--masking", "--shift", "3", "--mixup", "0.2", "--average", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,

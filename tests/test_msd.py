@@ -135,7 +135,7 @@ def test_onnx_export_of_the_family_agrees_with_keras(tmp_path):
     from beetsplug.crnn import msd
     from beetsplug.crnn.features import MSD
     from beetsplug.crnn.model import Embedder, ModelCard, OnnxEmbedder
-    from beetsplug.crnn.train import save_model
+    from beetsplug.crnn.training.train import save_model
 
     net = random_msd(seed=5)
     card = save_model(net, tmp_path, ["a", "b", "c"], msd.ARCHITECTURE, {"training": {}}, name="t", tags=msd.TAGS,
@@ -192,7 +192,7 @@ def tiny_sets(tmp_path_factory):
 
 
 def _run(tiny_sets, released, out, cache=None):
-    from beetsplug.crnn import dataset, finetune
+    from beetsplug.crnn.training import dataset, finetune
 
     records = dataset.read_sources(tiny_sets)
     cache = cache or finetune.FeatureCache(out.parent / "stem-cache", weights=released[0])
@@ -200,7 +200,7 @@ def _run(tiny_sets, released, out, cache=None):
 
 
 def test_teacher_targets_are_computed_once(tiny_sets, released, tmp_path):
-    from beetsplug.crnn import finetune
+    from beetsplug.crnn.training import finetune
 
     cache = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
     first = _run(tiny_sets, released, tmp_path / "a", cache)
@@ -215,7 +215,7 @@ def test_teacher_targets_are_computed_once(tiny_sets, released, tmp_path):
 
 
 def test_test_splits_never_reach_training(tiny_sets, released, tmp_path):
-    from beetsplug.crnn import dataset, finetune
+    from beetsplug.crnn.training import dataset, finetune
     from beetsplug.crnn.errors import CrnnError
 
     run = _run(tiny_sets, released, tmp_path / "run")
@@ -273,7 +273,7 @@ def test_finetuned_model_is_saved_as_the_family(tiny_sets, released, tmp_path):
 
 def test_a_model_of_the_family_is_a_start(tiny_sets, released, tmp_path):
     """Library training starts from the shipped model: its stem and top, a new genre head, its tags as teacher."""
-    from beetsplug.crnn import finetune
+    from beetsplug.crnn.training import finetune
     from beetsplug.crnn.features import MSD
 
     run = _run(tiny_sets, released, tmp_path / "model")
@@ -297,7 +297,7 @@ def test_crnntrain_on_a_library_starts_from_a_model_of_the_family(tmp_path):
     from beetsplug.crnn import msd
     from beetsplug.crnn.features import MSD
     from beetsplug.crnn.model import Embedder, ModelCard
-    from beetsplug.crnn.train import save_model
+    from beetsplug.crnn.training.train import save_model
     from conftest import BeetsEnv
     from test_libtrain import ALIASES, family_library, model_folders
 
@@ -329,11 +329,11 @@ def test_crnntrain_on_a_library_starts_from_a_model_of_the_family(tmp_path):
 def test_frozen_network_with_a_probe_head(tiny_sets, released, tmp_path):
     """--unfreeze none: the start's layers unchanged, a softmax probe (fitted on train + val windows) as the
     genre head, folded so the served network needs no standardisation step; ONNX exports it."""
-    from beetsplug.crnn import finetune
+    from beetsplug.crnn.training import finetune
     from beetsplug.crnn.features import MSD
     from beetsplug.crnn.model import ModelCard, OnnxEmbedder
 
-    from beetsplug.crnn import dataset
+    from beetsplug.crnn.training import dataset
 
     records = dataset.read_sources(tiny_sets)
     cache = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
@@ -352,7 +352,7 @@ def test_frozen_network_with_a_probe_head(tiny_sets, released, tmp_path):
     unit = state / np.linalg.norm(state, axis=1, keepdims=True)
     np.testing.assert_allclose(emb, unit, atol=1e-4)
     # the folded head equals the probe on the standardised state
-    from beetsplug.crnn.probe import fit_probe
+    from beetsplug.crnn.training.probe import fit_probe
 
     y_train = [run.genres.index(run.fit_records[c].genre) for c in run.train.clip]
     y_val = [run.genres.index(run.val_records[c].genre) for c in run.val.clip]

@@ -248,7 +248,9 @@ def test_decode_all_is_the_one_pool_loop_for_embedding_and_library_training(tmp_
 
     from threadpoolctl import threadpool_info
 
-    from beetsplug.crnn import libtrain, pipeline
+    from beetsplug.crnn import pipeline
+
+    from beetsplug.crnn.training import libtrain
     from beetsplug.crnn.errors import AudioError
 
     blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from audiogen import has_ffmpeg, write
-from beetsplug.crnn import augment
-from beetsplug.crnn.robustness import pick_clips, summarise
+from beetsplug.crnn.training import augment
+from beetsplug.crnn.training.robustness import pick_clips, summarise
 from conftest import BeetsEnv, make_model
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from audiogen import write
-from beetsplug.crnn import dataset, teacher, train
+from beetsplug.crnn.training import dataset, teacher, train
 from beetsplug.crnn.audio import HOP_LENGTH, SAMPLE_RATE, WINDOW_FRAMES
 from conftest import ROOT
 
@@ -23,7 +23,7 @@ FAKE_TEACHER = textwrap.dedent(
     """\
     import json, os, sys
     import numpy as np
-    from beetsplug.crnn.teacher import TeacherCache
+    from beetsplug.crnn.training.teacher import TeacherCache
 
     counter, cache_dir = sys.argv[1], sys.argv[2]
     paths = json.loads(sys.stdin.read())
@@ -171,10 +171,11 @@ def test_cli_without_the_extra_says_what_to_install(tmp_path, monkeypatch, capsy
 
 
 def test_cli_entry_point_without_the_extra(tmp_path):
-    """`python -m beetsplug.crnn.train DATA --teacher musicnn` with musicnn unimportable: exit 1, one line."""
+    """`python -m beetsplug.crnn.training.train DATA --teacher musicnn` with musicnn unimportable: exit 1, one line."""
     data = _manifest_only(tmp_path / "data")
     hide = ("import runpy, sys; sys.modules['musicnn'] = None; "  # find_spec() then answers None
-            "sys.argv = ['crnn-train'] + sys.argv[1:]; runpy.run_module('beetsplug.crnn.train', run_name='__main__')")
+            "sys.argv = ['crnn-train'] + sys.argv[1:]; "
+            "runpy.run_module('beetsplug.crnn.training.train', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", hide, str(data), "--teacher", "musicnn", "--out", str(tmp_path / "m")],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 1, proc.stderr

@@ -11,7 +11,8 @@ import pytest
 import soundfile as sf
 
 from audiogen import has_ffmpeg, signal, write
-from beetsplug.crnn import audio, dataset, model, train
+from beetsplug.crnn import audio, model
+from beetsplug.crnn.training import dataset, train
 from beetsplug.crnn.errors import CrnnError
 
 # ---- the masked genre loss ----

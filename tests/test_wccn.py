@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from audiogen import has_ffmpeg
-from beetsplug.crnn import dataset, wccn
+from beetsplug.crnn.training import dataset, wccn
 from beetsplug.crnn.errors import CrnnError
 from beetsplug.crnn.model import Embedder, ModelCard
 from conftest import make_model
@@ -126,7 +126,7 @@ def test_wccn_keeps_every_output_and_moves_only_the_embedding(tmp_path):
         wccn.run(args, log=lambda m: None)
 
     # Training can start from it (as beet crnntrain starts from the shipped model): the layer is kept.
-    from beetsplug.crnn import train
+    from beetsplug.crnn.training import train
 
     targs = train.build_parser().parse_args([str(a), str(b), "--out", str(tmp_path / "tuned"), "--cache",
                                              str(tmp_path / "mels"), "--epochs", "1", "--max-steps", "1",

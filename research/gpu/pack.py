@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from beetsplug.crnn import augment, dataset, train  # noqa: E402
+from beetsplug.crnn.training import augment, dataset, train  # noqa: E402
 from beetsplug.crnn.audio import HOP_LENGTH, WINDOW_FRAMES, WINDOW_SAMPLES  # noqa: E402
 
 META_KEYS = ("n_windows", "train_records", "val_records", "unlabelled", "genres", "label_sets", "train_samples",

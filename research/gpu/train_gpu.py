@@ -5,7 +5,7 @@
 Everything but where the Trainer's data comes from is the project's own training code:
 ``train.run`` with its ``fit``, ``epoch_data``, averaging and card. The package imports without
 beets (there is none there); TensorFlow imports become no-ops, ``length_batches`` (tf.data)
-becomes a Keras PyDataset, and the ONNX export is left to ``python -m beetsplug.crnn.export``
+becomes a Keras PyDataset, and the ONNX export is left to ``python -m beetsplug.crnn.training.export``
 on the CPU machine. The card's ``trained_on`` says
 where and how the model was trained.
 """
@@ -26,8 +26,8 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # the checkout
 import numpy as np  # noqa: E402
 
 from beetsplug.crnn import model as model_mod  # noqa: E402
-from beetsplug.crnn import teacher as teacher_mod  # noqa: E402
-from beetsplug.crnn import train  # noqa: E402
+from beetsplug.crnn.training import teacher as teacher_mod  # noqa: E402
+from beetsplug.crnn.training import train  # noqa: E402
 from pack import META_KEYS, restore  # noqa: E402
 
 META, ARRAYS = {}, []
@@ -38,16 +38,16 @@ def _no_tensorflow(*args, **kwargs):
 
 
 def _no_export(card):
-    raise ImportError("ONNX export is done afterwards on the CPU machine (python -m beetsplug.crnn.export)")
+    raise ImportError("ONNX export is done afterwards on the CPU machine (python -m beetsplug.crnn.training.export)")
 
 
 model_mod.import_tensorflow = model_mod.require_tensorflow = _no_tensorflow
 train.import_tensorflow = train.require_tensorflow = _no_tensorflow
 teacher_mod.check_installed = _no_tensorflow
 teacher_mod.tag_names = lambda: list(META["tag_names"])
-_export = types.ModuleType("beetsplug.crnn.export")
+_export = types.ModuleType("beetsplug.crnn.training.export")
 _export.export_card = _no_export
-sys.modules["beetsplug.crnn.export"] = _export
+sys.modules["beetsplug.crnn.training.export"] = _export
 
 
 def length_batches_any_backend(crops, targets, batch_size, rng):
@@ -119,7 +119,7 @@ def main():
     train.Trainer = PackedTrainer
     data = META.get("data", ["../shared/data/emotify", "../shared/data/gtzan"])
     args = train.build_parser().parse_args([*data, "--out", out, *opts])
-    args.command = " ".join(["python -m beetsplug.crnn.train", *data, *opts])
+    args.command = " ".join(["python -m beetsplug.crnn.training.train", *data, *opts])
     import keras
 
     where = keras.backend.backend()

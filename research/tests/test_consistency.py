@@ -14,7 +14,7 @@ sys.path[:0] = [str(ROOT / "research"), str(ROOT / "tests")]  # consistency.py; 
 
 import consistency  # noqa: E402
 from audiogen import has_ffmpeg  # noqa: E402
-from beetsplug.crnn import dataset, wccn  # noqa: E402
+from beetsplug.crnn.training import dataset, wccn  # noqa: E402
 from beetsplug.crnn.errors import CrnnError  # noqa: E402
 from beetsplug.crnn.model import Embedder, ModelCard  # noqa: E402
 from conftest import make_model  # noqa: E402

@@ -74,6 +74,6 @@ def test_packed_data_trains_through_the_gpu_runner(tmp_path):
     training = card.extra["training"]
     assert training["epochs_run"] == 2 and training["clips"] == {"train": 4, "val": 2, "unlabelled": 0}
     assert "research/gpu/train_gpu.py" in training["trained_on"] and "1 dB" in training["trained_on"]
-    assert training["command"].startswith(f"python -m beetsplug.crnn.train {data} --epochs 2")
+    assert training["command"].startswith(f"python -m beetsplug.crnn.training.train {data} --epochs 2")
     net = model.build_for(card)
     net.load_weights(str(card.weights))  # the weights load where crnnembed's Keras runtime loads them

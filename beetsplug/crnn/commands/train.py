@@ -24,15 +24,15 @@ EVAL_HELP = "evaluate a CRNN on your library's held-out artists (QUERY) or on la
 
 
 def add_train_options(parser) -> None:
-    from ..libtrain import build_train_parser
+    from ..training.libtrain import build_train_parser
 
     adopt_argparse(parser, build_train_parser())
     parser.usage = "%prog [options] [QUERY | DATA...]"
 
 
 def add_eval_options(parser) -> None:
-    from ..evaluate import build_parser
-    from ..libtrain import eval_only_options
+    from ..training.evaluate import build_parser
+    from ..training.libtrain import eval_only_options
 
     adopt_argparse(parser, build_parser())
     adopt_argparse(parser, eval_only_options())
@@ -41,7 +41,7 @@ def add_eval_options(parser) -> None:
 
 
 def run_train(plugin, lib, opts, args) -> None:
-    from .. import libtrain
+    from ..training import libtrain
     from ..model import require_tensorflow
 
     if not getattr(opts, "dry_run", False):
@@ -49,7 +49,7 @@ def run_train(plugin, lib, opts, args) -> None:
             require_tensorflow()  # before the library is decoded
     if not libtrain.names_data(args, opts.library):
         return train_library(plugin, lib, opts, args)
-    from ..train import build_parser, run, train_into
+    from ..training.train import build_parser, run, train_into
 
     _refuse_library_options(opts, libtrain.LIBRARY_OPTIONS, "training on DATA")
     argv = argv_from(opts, args)
@@ -70,11 +70,11 @@ def run_train(plugin, lib, opts, args) -> None:
 
 
 def run_eval(plugin, lib, opts, args) -> None:
-    from .. import libtrain
+    from ..training import libtrain
 
     if not libtrain.names_data(args, opts.library):
         return eval_library(plugin, lib, opts, args)
-    from ..evaluate import build_parser, run
+    from ..training.evaluate import build_parser, run
 
     _refuse_library_options(opts, ("library", "field"), "evaluating DATA")
     ns = build_parser().parse_args(argv_from(opts, args))
@@ -83,7 +83,7 @@ def run_eval(plugin, lib, opts, args) -> None:
 
 
 def train_library(plugin, lib, opts, args) -> None:
-    from .. import libtrain
+    from ..training import libtrain
 
     argv = argv_from(opts, args)
     ns = libtrain.build_train_parser().parse_args(argv)
@@ -109,7 +109,7 @@ def _wrote(card, folder) -> None:
 
 
 def eval_library(plugin, lib, opts, args) -> None:
-    from .. import libtrain
+    from ..training import libtrain
     from ..model import ModelCard
 
     for name in ("robustness", "clips_per_genre", "version_cache", "update_card"):
@@ -156,7 +156,7 @@ def _library_tracks(lib, args, field):
     artist, else the artist; the track artist on compilations (``comp``, or album artist = ``va_name``)."""
     from beets.dbcore.query import ParsingError
 
-    from ..libtrain import Track, split_artist
+    from ..training.libtrain import Track, split_artist
 
     try:
         items = list(lib.items(args))

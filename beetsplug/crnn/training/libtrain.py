@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import audio, dataset
-from .audio import HOP_LENGTH, SAMPLE_RATE, TRUNCATION_SLACK, WINDOW_FRAMES, WINDOW_SAMPLES
-from .errors import AudioError, CrnnError, display_path
-from .features import PARAMS, log_mel
-from .rank import DEFAULT_VA_NAME, is_compilation
+from .. import audio
+from . import dataset
+from ..audio import HOP_LENGTH, SAMPLE_RATE, TRUNCATION_SLACK, WINDOW_FRAMES, WINDOW_SAMPLES
+from ..errors import AudioError, CrnnError, display_path
+from ..features import PARAMS, log_mel
+from ..rank import DEFAULT_VA_NAME, is_compilation
 
 SOURCE = "library"  # the one labelled set a library is: every taxonomy genre is labelled for every track
 UNLABELLED = "unlabelled:library"  # tracks without a usable genre, taught by the teacher alone (train.unlabelled_records)
@@ -541,7 +542,7 @@ def decode(records, cache: ExcerptCache, workers=None, timeout=audio.DEFAULT_TIM
     Returns the records whose audio is ready; each file that fails is reported once through
     ``on_error(message)`` and left out. ``progress()`` is called once per record.
     """
-    from .pipeline import decode_all, decode_step
+    from ..pipeline import decode_all, decode_step
 
     ready, todo = [], []
     for r in records:
@@ -613,7 +614,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
-    from .rank import DEFAULT_GENRE_WEIGHT
+    from ..rank import DEFAULT_GENRE_WEIGHT
 
     p = argparse.ArgumentParser(prog="beet crnneval", description="Evaluate on your library's held-out artists.")
     p.add_argument("query", nargs="*", help="a beets query (default: the whole library)")
@@ -660,7 +661,7 @@ def library_paths(config_dir, args) -> tuple[Path, Path]:
 
 def resolve_init(args) -> str | None:
     """Where training starts: --init-from, else random weights with --from-scratch, else the shipped model."""
-    from .model import default_weights_dir
+    from ..model import default_weights_dir
 
     if args.from_scratch and args.init_from:
         raise CrnnError("--from-scratch and --init-from exclude each other")
@@ -693,7 +694,7 @@ def time_budget(minutes):
     Trainer does first (codec versions, the teacher over every training file) can take long, and a
     deadline already past would cut every epoch to one batch.
     """
-    from .model import import_tensorflow
+    from ..model import import_tensorflow
 
     import_tensorflow()
     import keras
@@ -750,7 +751,7 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
     if not any(r.split == "train" for r in p.records):
         raise CrnnError("no training tracks after the artist split")
     if init_from is not None:  # a starting model that cannot be read stops the run before any decoding
-        from .model import ModelCard
+        from ..model import ModelCard
 
         try:
             start = ModelCard.load(init_from)
@@ -837,7 +838,7 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    from .model import ModelCard
+    from ..model import ModelCard
 
     card = ModelCard.load(folder)
     stopped = card.extra["training"].get("stopped")
@@ -868,7 +869,7 @@ def _train_library_msd(args, p: Plan, start, config_dir, log, say, warn=None, wo
     records, the start's stem cached once per track (decoding only the windows it reads), the start's tags as
     the tag head's teacher. Test artists' tracks are only scored."""
     from . import finetune
-    from .model import ModelCard
+    from ..model import ModelCard
 
     cache_dir, models_dir = library_paths(config_dir, args)
     stem_cache = finetune.FeatureCache(cache_dir.parent / "msd", finetune.Start(start.weights.parent))
@@ -929,7 +930,7 @@ def _num(x) -> str:
 def serving_cache(cache, card):
     """``cache`` where it holds what ``card``'s front end hears (the level-free log-mels); for another family's
     front end (the MSD CRNN's), a log-mel cache of that front end beside it."""
-    from .features import LEVEL_FREE
+    from ..features import LEVEL_FREE
 
     if card.front is LEVEL_FREE or getattr(cache, "front", None) is card.front:
         return cache
@@ -938,7 +939,7 @@ def serving_cache(cache, card):
 
 def embed(records, card, cache, n_windows, embedder=None):
     """(unit embeddings, genre probabilities) per record, from the windows crnnembed analyses."""
-    from .model import embedder_for, pool_track
+    from ..model import embedder_for, pool_track
 
     embedder = embedder or embedder_for(card, precision="float32")
     cache = serving_cache(cache, card)
@@ -956,7 +957,7 @@ def score(records, card, cache, n_windows, k=5, genre_weight=None, embedder=None
     A track with several genres counts under its first (the one it is listed under).
     """
     from .metrics import classification_report, precision_at_k
-    from .rank import DEFAULT_GENRE_WEIGHT
+    from ..rank import DEFAULT_GENRE_WEIGHT
 
     genre_weight = DEFAULT_GENRE_WEIGHT if genre_weight is None else genre_weight
     embs, probs = embed(records, card, cache, n_windows, embedder)

@@ -1,6 +1,6 @@
 """Evaluate a CRNN like the paper: per-genre tables on a test split, and the recommender's precision@5.
 
-    python -m beetsplug.crnn.evaluate ../shared/data/emotify ../shared/data/gtzan --robustness
+    python -m beetsplug.crnn.training.evaluate ../shared/data/emotify ../shared/data/gtzan --robustness
 
 Clips are analysed exactly as ``crnnembed`` analyses tracks (same windows, same pooling).
 Each labelled set is scored on its own, over the genres it labels that the model knows
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from . import dataset
-from .audio import DEFAULT_WINDOWS
-from .errors import CrnnError
-from .model import ModelCard, embedder_for, pool_track
-from .rank import DEFAULT_GENRE_WEIGHT
+from ..audio import DEFAULT_WINDOWS
+from ..errors import CrnnError
+from ..model import ModelCard, embedder_for, pool_track
+from ..rank import DEFAULT_GENRE_WEIGHT
 
 
 def embed_records(records, embedder, cache, n_windows=DEFAULT_WINDOWS):

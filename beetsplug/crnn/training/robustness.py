@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from . import augment
-from .audio import DEFAULT_TIMEOUT, DEFAULT_WINDOWS
-from .errors import CrnnError
-from .model import pool_track
+from ..audio import DEFAULT_TIMEOUT, DEFAULT_WINDOWS
+from ..errors import CrnnError
+from ..model import pool_track
 
 
 def pick_clips(records, per_genre: int | None):
@@ -39,9 +39,9 @@ def pick_clips(records, per_genre: int | None):
 
 def analyse_file(path, embedder, n_windows=DEFAULT_WINDOWS):
     """(unit embedding, genre probabilities) of a file, exactly as crnnembed computes them."""
-    from .pipeline import track_mels
+    from ..pipeline import track_mels
 
-    from .features import LEVEL_FREE
+    from ..features import LEVEL_FREE
 
     mels, _, _ = track_mels(path, n_windows, DEFAULT_TIMEOUT, front=getattr(embedder, "front", LEVEL_FREE))
     return pool_track(*embedder(mels))

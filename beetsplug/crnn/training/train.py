@@ -1,6 +1,6 @@
 """Train the CRNN on labelled audio and write weights + model card.
 
-    python -m beetsplug.crnn.train ../shared/data/emotify ../shared/data/gtzan --out model_weights
+    python -m beetsplug.crnn.training.train ../shared/data/emotify ../shared/data/gtzan --out model_weights
 
 The recipe is the paper's (Adam 0.001/0.9/0.999, sigmoid outputs, binary cross-entropy)
 plus what a few hundred clips need: random hop-aligned crops, class-balanced epochs,
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from . import augment, dataset
-from .audio import DEFAULT_WINDOWS, WINDOW_FRAMES, samples_for
-from .errors import CrnnError, ModelError
-from .features import model_input
+from ..audio import DEFAULT_WINDOWS, WINDOW_FRAMES, samples_for
+from ..errors import CrnnError, ModelError
+from ..features import model_input
 from .teacher import crop_targets
-from .model import (CARD_NAME, DEFAULT_ARCHITECTURE, POOLS, WEIGHTS_NAME, ModelCard, build, import_tensorflow,
+from ..model import (CARD_NAME, DEFAULT_ARCHITECTURE, POOLS, WEIGHTS_NAME, ModelCard, build, import_tensorflow,
                     require_tensorflow, sha256_of)
 
 DEFAULT_CACHE = Path(".cache") / "mels"
@@ -778,7 +778,8 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
             "clips": {"train": len(trainer.train_records), "val": len(trainer.val_records),
                       "unlabelled": len(trainer.unlabelled)},
             "clips_per_genre": {"train": count(trainer.train_records), "val": count(trainer.val_records)},
-            "command": getattr(args, "command", None) or " ".join(["python -m beetsplug.crnn.train"] + [shlex.quote(a) for a in sys.argv[1:]]),
+            "command": getattr(args, "command", None) or " ".join(["python -m beetsplug.crnn.training.train"]
+                                                                   + [shlex.quote(a) for a in sys.argv[1:]]),
             "optimizer": info["optimizer"],
             "loss": info["losses"], "loss_weights": info["loss_weights"],
             "crops_per_clip": args.crops, "batch_size": args.batch_size, "mixup": args.mixup, "masking": args.masking,

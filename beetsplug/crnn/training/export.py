@@ -1,6 +1,6 @@
 """Export a trained CRNN to ONNX, so that analysis runs on onnxruntime without TensorFlow.
 
-    python -m beetsplug.crnn.export [MODEL_DIR]      # or: crnn-export [MODEL_DIR]
+    python -m beetsplug.crnn.training.export [MODEL_DIR]      # or: crnn-export [MODEL_DIR]
 
 The graph is written by hand with the ``onnx`` helper API from the Keras weights: each
 batch-norm after a conv is folded into that conv, the two GRU layers become ONNX ``GRU``
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import N_MELS, WINDOW_FRAMES
-from .errors import CrnnError, ModelError
-from .features import model_input
-from .model import CARD_NAME, POOLS, ModelCard, build_for, import_tensorflow, sha256_of
+from ..audio import N_MELS, WINDOW_FRAMES
+from ..errors import CrnnError, ModelError
+from ..features import model_input
+from ..model import CARD_NAME, POOLS, ModelCard, build_for, import_tensorflow, sha256_of
 
 ONNX_NAME = "crnn.onnx"
 OPSET = 17
@@ -61,7 +61,7 @@ def _gru_tensors(layer, name):
     family: Keras 1 GRUs, hard-sigmoid gates clip(0.2 x + 0.5) (ONNX HardSigmoid, alpha 0.2, beta 0.5)
     and the reset gate before the matmul (``linear_before_reset=0``; Keras has no recurrent bias then).
     """
-    from .msd import keras1_hard_sigmoid
+    from ..msd import keras1_hard_sigmoid
 
     if not layer.use_bias or layer.activation.__name__ != "tanh":
         raise ModelError(f"{name}: only tanh GRUs with biases can be exported")
@@ -101,7 +101,7 @@ def to_onnx(net):
     nodes.append(helper.make_node("Unsqueeze", ["logmel", "ax1"], ["x0"]))
     msd = "bn_0_freq" in layer
     if msd:  # the MSD CRNN: 37 zero frames each side in time, then a norm per (padded) time frame
-        from .msd import PAD_FRAMES
+        from ..msd import PAD_FRAMES
 
         const("time_pads", np.array([0, 0, 0, PAD_FRAMES, 0, 0, 0, PAD_FRAMES], np.int64))
         nodes.append(helper.make_node("Pad", ["x0", "time_pads"], ["x0p"]))

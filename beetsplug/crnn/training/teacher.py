@@ -4,7 +4,7 @@ The teacher runs only while training, on the clean audio, once per file: its out
 3 s window are cached on disk (``TeacherCache``) and the student learns them on augmented
 crops. musicnn builds a TensorFlow 1 graph and switches eager execution off for the whole
 process, which Keras 3 cannot run under, so it always runs in a subprocess of its own
-(``python -m beetsplug.crnn.teacher``), with ``TF_USE_LEGACY_KERAS=1`` set before TensorFlow loads.
+(``python -m beetsplug.crnn.training.teacher``), with ``TF_USE_LEGACY_KERAS=1`` set before TensorFlow loads.
 
 Install: ``pip install 'beets-crnn[train]' librosa`` and ``pip install --no-deps tf-keras musicnn`` (musicnn 0.1.0
 declares numpy<1.17, which cannot install beside TensorFlow 2.21; its code runs on numpy 2).
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import HOP_LENGTH, SAMPLE_RATE
-from .errors import CrnnError
+from ..audio import HOP_LENGTH, SAMPLE_RATE
+from ..errors import CrnnError
 from .fileid import content_id
 
 TEACHERS = ("musicnn",)
@@ -91,7 +91,7 @@ def compute(paths, cache: TeacherCache, log=print, runner=None) -> int:
         return 0
     check_installed()
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="-1")
-    cmd = runner or [sys.executable, "-m", "beetsplug.crnn.teacher", "--cache", str(cache.folder)]
+    cmd = runner or [sys.executable, "-m", "beetsplug.crnn.training.teacher", "--cache", str(cache.folder)]
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .rank import DEFAULT_GENRE_WEIGHT, scores
+from ..rank import DEFAULT_GENRE_WEIGHT, scores
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CrnnError
+from ..errors import CrnnError
 from .fileid import content_id
 
 # name -> (file extension, ffmpeg output arguments). What a library holds beside the clip:
@@ -145,7 +145,7 @@ class MelAugmenter:
     @property
     def freqs(self) -> np.ndarray:
         if self._freqs is None:
-            from .features import band_frequencies
+            from ..features import band_frequencies
 
             self._freqs = band_frequencies()
         return self._freqs

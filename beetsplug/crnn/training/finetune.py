@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import audio, dataset, msd
-from .errors import CrnnError
-from .features import MSD
+from .. import audio, msd
+from . import dataset
+from ..errors import CrnnError
+from ..features import MSD
 from .fileid import content_id
 
 STEM_OUTPUT = "drop3"  # the cached layer: (4, 60, 128) per window
@@ -52,7 +53,7 @@ class Start:
     model of the family (a card: library training starts from the shipped model)."""
 
     def __init__(self, source=None):
-        from .model import ModelCard
+        from ..model import ModelCard
 
         self.card = None
         path = Path(source) if source else msd.default_weights_path()
@@ -82,7 +83,7 @@ class Start:
 
     def network(self, genres, genre_activation="sigmoid"):
         """The start's network with a genre head for ``genres`` (kept from the start when its genres are these)."""
-        from .model import build_for, import_tensorflow
+        from ..model import build_for, import_tensorflow
 
         import_tensorflow()
         if self.card is None:
@@ -102,7 +103,7 @@ class Frozen:
     def __init__(self, start: Start):
         import keras
 
-        from .model import import_tensorflow
+        from ..model import import_tensorflow
 
         tf = import_tensorflow()
         self.start = start
@@ -122,7 +123,7 @@ class Frozen:
 
 
 def _sha256(path) -> str:
-    from .model import sha256_of
+    from ..model import sha256_of
 
     return sha256_of(path)
 
@@ -296,7 +297,7 @@ def set_trainable(top, unfreeze: str) -> None:
 
 
 def pool_clips(rows: Rows, emb: np.ndarray, probs: np.ndarray):
-    from .model import pool_track
+    from ..model import pool_track
 
     clips = np.unique(rows.clip)
     pooled = [pool_track(emb[rows.clip == c], probs[rows.clip == c]) for c in clips]
@@ -399,7 +400,7 @@ class Run:
     def _build(self):
         import keras
 
-        from .model import import_tensorflow
+        from ..model import import_tensorflow
 
         import_tensorflow()
         keras.utils.set_random_seed(self.config["seed"])

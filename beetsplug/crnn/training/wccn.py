@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from . import augment, dataset
-from .audio import DEFAULT_WINDOWS
-from .errors import CrnnError
-from .model import Embedder, ModelCard, build_for
+from ..audio import DEFAULT_WINDOWS
+from ..errors import CrnnError
+from ..model import Embedder, ModelCard, build_for
 
 DEFAULT_EDITS = ("compress", "lowpass", "tilt", "noise")
 DEFAULT_COPIES = 2
@@ -188,7 +188,7 @@ def run(args, log=print) -> ModelCard:
     extra.pop("metrics", None)  # measured on the old embedding: crnn-eval --update-card measures this one
     extra["wccn"] = {
         "from": card.model_id,
-        "command": " ".join(["python -m beetsplug.crnn.wccn"] + [shlex.quote(a) for a in sys.argv[1:]]),
+        "command": " ".join(["python -m beetsplug.crnn.training.wccn"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "data": [str(d) for d in args.data],
         **data.describe(),
         "rows": int(len(X)),
