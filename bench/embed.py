@@ -75,7 +75,7 @@ def quiet_fd2():
 def resolve_model(arg, tmp: Path):
     """(model dir, how it was chosen)."""
     from beetsplug.crnn.model import CARD_NAME, DEFAULT_ARCHITECTURE, build, default_weights_dir
-    from beetsplug.crnn.training.train import save_model
+    from beetsplug.crnn.training.card import save_model
 
     if arg:
         return Path(arg), f"--model {arg}"

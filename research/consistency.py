@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from beetsplug.crnn.training import dataset, wccn  # noqa: E402
 from beetsplug.crnn.errors import CrnnError  # noqa: E402
 from beetsplug.crnn.features import model_input  # noqa: E402
-from beetsplug.crnn.model import ModelCard, build_for, import_tensorflow, l2_normalise, require_tensorflow  # noqa: E402
+from beetsplug.crnn.model import (ModelCard, build_for, import_tensorflow, l2_normalise,  # noqa: E402
+                                  require_tensorflow)
 
 FRONT_END = "to_sequence"  # the last frozen layer: conv stack output as a sequence over time
 # The sweep's best for agreement across versions (the experiment's page); the labels overfit the train clips.
@@ -117,7 +118,7 @@ def _predict(model, X, batch=512) -> list:
 
 def labels(records, genres, groups, n_windows):
     """(targets, mask) per row: a row's clip genre(s), counted only over the genres its source labels."""
-    from beetsplug.crnn.training.train import _hot
+    from beetsplug.crnn.training.sampling import _hot
 
     for r in records:
         missing = [g for g in (r.genre, *r.more) if g not in genres]
@@ -204,7 +205,7 @@ def loss_terms(outs, targets: dict) -> dict:
     import keras
     from keras import ops
 
-    from beetsplug.crnn.training.train import masked_bce
+    from beetsplug.crnn.training.losses import masked_bce
 
     e = outs[0] / ops.maximum(ops.norm(outs[0], axis=1, keepdims=True), 1e-12)
     terms = {"embedding": ops.mean(ops.sum((e - targets["e0"]) ** 2, axis=1)),
@@ -216,7 +217,7 @@ def loss_terms(outs, targets: dict) -> dict:
 
 
 def run(args, log=print) -> ModelCard:
-    from beetsplug.crnn.training.train import save_model
+    from beetsplug.crnn.training.card import save_model
 
     require_tensorflow()  # before any decoding: a plain install cannot train
     card = wccn.source_model(args)

@@ -22,7 +22,7 @@ def make_model(folder, genres=GENRES, conv_filters=(8, 12, 12, 12), gru_units=8,
     """A small, randomly initialised CRNN with a valid card: enough to exercise every code path fast
     (with ``tags``, a tag head too)."""
     from beetsplug.crnn.model import build
-    from beetsplug.crnn.training.train import save_model
+    from beetsplug.crnn.training.card import save_model
 
     import keras
 

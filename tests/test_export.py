@@ -66,7 +66,7 @@ def test_export_of_a_trained_model_matches_keras(tmp_path):
 
 def test_tag_head_is_exported(tmp_path):
     from beetsplug.crnn.model import build
-    from beetsplug.crnn.training.train import save_model
+    from beetsplug.crnn.training.card import save_model
 
     import keras
 

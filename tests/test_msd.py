@@ -135,7 +135,7 @@ def test_onnx_export_of_the_family_agrees_with_keras(tmp_path):
     from beetsplug.crnn import msd
     from beetsplug.crnn.features import MSD
     from beetsplug.crnn.model import Embedder, ModelCard, OnnxEmbedder
-    from beetsplug.crnn.training.train import save_model
+    from beetsplug.crnn.training.card import save_model
 
     net = random_msd(seed=5)
     card = save_model(net, tmp_path, ["a", "b", "c"], msd.ARCHITECTURE, {"training": {}}, name="t", tags=msd.TAGS,
@@ -297,7 +297,7 @@ def test_crnntrain_on_a_library_starts_from_a_model_of_the_family(tmp_path):
     from beetsplug.crnn import msd
     from beetsplug.crnn.features import MSD
     from beetsplug.crnn.model import Embedder, ModelCard
-    from beetsplug.crnn.training.train import save_model
+    from beetsplug.crnn.training.card import save_model
     from conftest import BeetsEnv
     from test_libtrain import ALIASES, family_library, model_folders
 

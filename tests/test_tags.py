@@ -26,7 +26,7 @@ def tag_model(tmp_path_factory):
     import keras
 
     from beetsplug.crnn.model import build
-    from beetsplug.crnn.training.train import save_model
+    from beetsplug.crnn.training.card import save_model
 
     keras.utils.set_random_seed(0)
     arch = {"conv_filters": [4, 4, 4, 4], "gru_units": 4, "dropout": 0.1}

@@ -12,7 +12,7 @@ import soundfile as sf
 
 from audiogen import has_ffmpeg, signal, write
 from beetsplug.crnn import audio, model
-from beetsplug.crnn.training import dataset, train
+from beetsplug.crnn.training import dataset, fit, losses, sampling, train
 from beetsplug.crnn.errors import CrnnError
 
 # ---- the masked genre loss ----
@@ -34,26 +34,26 @@ def _by_hand():
 def test_masked_bce_by_hand():
     from keras import ops
 
-    got = ops.convert_to_numpy(train.masked_bce(np.concatenate([Y, MASK], axis=1), P))
+    got = ops.convert_to_numpy(losses.masked_bce(np.concatenate([Y, MASK], axis=1), P))
     np.testing.assert_allclose(got, _by_hand(), rtol=1e-5)
     # The numpy twin used for validation gives the batch mean Keras reports.
-    assert train._bce(Y, P, MASK) == pytest.approx(float(np.mean(_by_hand())), rel=1e-5)
-    assert train._bce(Y, P, MASK) == pytest.approx(float(np.mean(got)), rel=1e-5)
+    assert losses._bce(Y, P, MASK) == pytest.approx(float(np.mean(_by_hand())), rel=1e-5)
+    assert losses._bce(Y, P, MASK) == pytest.approx(float(np.mean(got)), rel=1e-5)
     # Unmasked: the plain mean over every cell.
-    assert train._bce(Y, P) == pytest.approx(float(np.mean(-(Y * np.log(P) + (1 - Y) * np.log(1 - P)))), rel=1e-5)
-    assert train._bce(Y, P, np.ones_like(Y)) == pytest.approx(train._bce(Y, P), rel=1e-5)
+    assert losses._bce(Y, P) == pytest.approx(float(np.mean(-(Y * np.log(P) + (1 - Y) * np.log(1 - P)))), rel=1e-5)
+    assert losses._bce(Y, P, np.ones_like(Y)) == pytest.approx(losses._bce(Y, P), rel=1e-5)
 
 
 def test_clip_without_labels_contributes_nothing():
     from keras import ops
 
     wrong = np.array([[1e-9, 1 - 1e-9, 1 - 1e-9]], np.float32)  # as wrong as can be, clipped to 1e-7
-    loss = ops.convert_to_numpy(train.masked_bce(np.concatenate([Y[:1], np.zeros((1, 3), np.float32)], axis=1), wrong))
+    loss = ops.convert_to_numpy(losses.masked_bce(np.concatenate([Y[:1], np.zeros((1, 3), np.float32)], axis=1), wrong))
     assert loss.tolist() == [0.0]
-    assert train._bce(Y[:1], wrong, np.zeros((1, 3), np.float32)) == 0.0
+    assert losses._bce(Y[:1], wrong, np.zeros((1, 3), np.float32)) == 0.0
     # Adding an unlabelled clip to a batch only changes the mean's denominator.
-    two = train._bce(Y[:2], P[:2], MASK[:2])
-    assert train._bce(Y, P, MASK) == pytest.approx(two * 2 / 3, rel=1e-6)
+    two = losses._bce(Y[:2], P[:2], MASK[:2])
+    assert losses._bce(Y, P, MASK) == pytest.approx(two * 2 / 3, rel=1e-6)
 
 
 def test_teacher_emb_loss_is_one_minus_cosine_and_masked():
@@ -62,7 +62,7 @@ def test_teacher_emb_loss_is_one_minus_cosine_and_masked():
     t = np.array([[1, 0, 0], [0, 2, 0], [1, 1, 0]], np.float32)
     p = np.array([[3, 0, 0], [1, 0, 0], [5, 5, 5]], np.float32)
     has = np.array([[1], [1], [0]], np.float32)
-    got = ops.convert_to_numpy(train.teacher_emb_loss(np.concatenate([t, has], axis=1), p))
+    got = ops.convert_to_numpy(losses.teacher_emb_loss(np.concatenate([t, has], axis=1), p))
     np.testing.assert_allclose(got, [0.0, 1.0, 0.0], atol=1e-6)
 
 
@@ -75,13 +75,13 @@ def test_pair_loss_by_hand():
     want = []
     for i in range(4):
         others = [j for j in range(4) if j != i]
-        logits = np.array([z[i] @ z[j] / train.PAIR_TEMPERATURE for j in others])
+        logits = np.array([z[i] @ z[j] / losses.PAIR_TEMPERATURE for j in others])
         want.append(-(logits[others.index(partner[i])] - np.log(np.exp(logits).sum())))
-    got = ops.convert_to_numpy(train.pair_loss(np.zeros((4, 1), np.float32), 3 * z))  # the length does not count
+    got = ops.convert_to_numpy(losses.pair_loss(np.zeros((4, 1), np.float32), 3 * z))  # the length does not count
     np.testing.assert_allclose(got, want, rtol=1e-4)
     # Partners that are each other's nearest row cost less than partners that are not.
     swapped = z[[0, 2, 1, 3]]
-    assert float(np.mean(got)) < float(np.mean(ops.convert_to_numpy(train.pair_loss(np.zeros((4, 1)), swapped))))
+    assert float(np.mean(got)) < float(np.mean(ops.convert_to_numpy(losses.pair_loss(np.zeros((4, 1)), swapped))))
 
 
 # ---- several labelled sets ----
@@ -134,7 +134,7 @@ def test_trainer_masks_per_source_and_never_sees_test(two_sets, tmp_path):
     test = [r for r in records if r.split == "test"]
     assert {r.source for r in test} == {"setA", "setB"}
     lines = []
-    unlabelled = train.unlabelled_records(_unlabelled_folder(tmp_path / "extra"))
+    unlabelled = sampling.unlabelled_records(_unlabelled_folder(tmp_path / "extra"))
     trainer = train.Trainer(records, tmp_path / "mels", log=lines.append, unlabelled=unlabelled)
 
     assert trainer.genres == ["blues", "jazz", "pop", "rock"]  # the union, sorted
@@ -180,12 +180,12 @@ def _unlabelled_folder(root):
 
 
 def test_unlabelled_records(tmp_path):
-    recs = train.unlabelled_records(_unlabelled_folder(tmp_path / "extra"))
+    recs = sampling.unlabelled_records(_unlabelled_folder(tmp_path / "extra"))
     assert [r.path.name for r in recs] == ["a.wav", "b.flac"]
     assert all(r.genre == "" and r.split == "train" and r.source == "unlabelled:extra" for r in recs)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CrnnError, match="no audio files under"):
-        train.unlabelled_records(tmp_path / "empty")
+        sampling.unlabelled_records(tmp_path / "empty")
 
 
 def test_cli_rejects_bad_choices_in_one_line(two_sets, tmp_path, capsys):
@@ -200,12 +200,12 @@ def test_cli_rejects_bad_choices_in_one_line(two_sets, tmp_path, capsys):
 
 
 def test_annealed_lr_is_constant_then_falls_along_a_cosine_to_a_tenth():
-    assert train.annealed_lr(1e-3, 0.5, 0.0) == 1e-3  # off
-    assert train.annealed_lr(1e-3, 0.6, 1 / 3) == 1e-3  # before the last third
-    assert train.annealed_lr(1e-3, 1 - 1 / 6, 1 / 3) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way down
-    assert train.annealed_lr(1e-3, 1.0, 1 / 3) == pytest.approx(1e-4)
-    assert train.annealed_lr(1e-3, 1.3, 1 / 3) == pytest.approx(1e-4)  # an epoch that starts past the budget
-    rates = [train.annealed_lr(1.0, d, 0.5) for d in np.linspace(0, 1, 21)]
+    assert fit.annealed_lr(1e-3, 0.5, 0.0) == 1e-3  # off
+    assert fit.annealed_lr(1e-3, 0.6, 1 / 3) == 1e-3  # before the last third
+    assert fit.annealed_lr(1e-3, 1 - 1 / 6, 1 / 3) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way down
+    assert fit.annealed_lr(1e-3, 1.0, 1 / 3) == pytest.approx(1e-4)
+    assert fit.annealed_lr(1e-3, 1.3, 1 / 3) == pytest.approx(1e-4)  # an epoch that starts past the budget
+    rates = [fit.annealed_lr(1.0, d, 0.5) for d in np.linspace(0, 1, 21)]
     assert all(a >= b for a, b in zip(rates, rates[1:]))
 
 
@@ -248,7 +248,7 @@ def test_short_crops_cut_short_clips_short_and_train_on_batches_of_one_length(tm
         assert (c.shape[1] == 96) == (y[n_genres + trainer.genres.index("jazz")] == 0)
 
     crops = [np.full((2, n, 1), k, np.float32) for k, n in enumerate((5, 5, 7, 7, 5, 5, 7, 7, 5, 5))]
-    ds = train.length_batches(crops, {"pair": np.arange(10.0)[:, None]}, 4, np.random.default_rng(0))
+    ds = sampling.length_batches(crops, {"pair": np.arange(10.0)[:, None]}, 4, np.random.default_rng(0))
     got = [(xb.numpy(), yb["pair"].numpy()[:, 0].astype(int)) for xb, yb in ds]
     assert sorted(len(rows) for _, rows in got) == [2, 4, 4]
     for xb, rows in got:

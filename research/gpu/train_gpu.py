@@ -5,9 +5,8 @@
 Everything but where the Trainer's data comes from is the project's own training code:
 ``train.run`` with its ``fit``, ``epoch_data``, averaging and card. The package imports without
 beets (there is none there); TensorFlow imports become no-ops, ``length_batches`` (tf.data)
-becomes a Keras PyDataset, and the ONNX export is left to ``python -m beetsplug.crnn.training.export``
-on the CPU machine. The card's ``trained_on`` says
-where and how the model was trained.
+becomes a Keras PyDataset, and the ONNX export is left to ``crnn-export`` on the CPU machine.
+The card's ``trained_on`` says where and how the model was trained.
 """
 import lzma
 import os
@@ -26,8 +25,8 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]  # the checkout
 import numpy as np  # noqa: E402
 
 from beetsplug.crnn import model as model_mod  # noqa: E402
+from beetsplug.crnn.training import fit, sampling, train  # noqa: E402
 from beetsplug.crnn.training import teacher as teacher_mod  # noqa: E402
-from beetsplug.crnn.training import train  # noqa: E402
 from pack import META_KEYS, restore  # noqa: E402
 
 META, ARRAYS = {}, []
@@ -42,7 +41,6 @@ def _no_export(card):
 
 
 model_mod.import_tensorflow = model_mod.require_tensorflow = _no_tensorflow
-train.import_tensorflow = train.require_tensorflow = _no_tensorflow
 teacher_mod.check_installed = _no_tensorflow
 teacher_mod.tag_names = lambda: list(META["tag_names"])
 _export = types.ModuleType("beetsplug.crnn.training.export")
@@ -51,10 +49,10 @@ sys.modules["beetsplug.crnn.training.export"] = _export
 
 
 def length_batches_any_backend(crops, targets, batch_size, rng):
-    """``train.length_batches`` without tf.data: the same batches, as a Keras PyDataset."""
+    """``sampling.length_batches`` without tf.data: the same batches, as a Keras PyDataset."""
     import keras
 
-    batches = train.length_groups(crops, batch_size, rng)
+    batches = sampling.length_groups(crops, batch_size, rng)
 
     class Batches(keras.utils.PyDataset):
         def __init__(self):
@@ -70,7 +68,7 @@ def length_batches_any_backend(crops, targets, batch_size, rng):
     return Batches()
 
 
-train.length_batches = length_batches_any_backend
+fit.length_batches = length_batches_any_backend
 
 
 def load(data_dir: Path):

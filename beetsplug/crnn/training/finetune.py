@@ -539,7 +539,7 @@ class Run:
 
     def save(self, result: dict, name: str, command: str, extra: dict | None = None):
         """The full model (the start's stem + the best top) with its card and ONNX export."""
-        from .train import save_model
+        from .card import save_model
 
         full = self.cache.start.network(self.genres, self.genre_activation)
         self.top.load_weights(str(self._best_path()))

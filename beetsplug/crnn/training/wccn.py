@@ -172,7 +172,7 @@ def versions_from(args, log=print) -> Versions:
 
 
 def run(args, log=print) -> ModelCard:
-    from .train import save_model
+    from .card import save_model
 
     card = source_model(args)
     if card.architecture.get("projection"):
