@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from beetsplug.crnn.errors import CrnnError
 from beetsplug.crnn.training import evaluate
 from beetsplug.crnn.model import ModelCard, default_weights_dir
 from conftest import BeetsEnv
@@ -44,3 +45,20 @@ def test_beet_crnntrain_data_files_the_model_in_the_config_directory(tmp_path, t
     assert card.model_id == folders[0].name
     assert f"wrote model {card.model_id} to {folders[0]}" in proc.stdout
     assert list(work.iterdir()) == []  # nothing written where the command ran
+
+
+def test_crnneval_has_one_parser_for_both_forms():
+    """`beet crnneval --help` shows the parser that parses a QUERY and DATA alike; --library is defined once."""
+    from beetsplug.crnn.training import library_eval
+    from beetsplug.crnn.training.library_train import build_eval_parser, build_train_parser
+
+    for parser in (build_eval_parser(), build_train_parser()):
+        flags = [flag for action in parser._actions for flag in action.option_strings]
+        assert flags.count("--library") == 1 and flags.count("--field") == 1
+    parser = build_eval_parser()
+    assert "--robustness" in parser.format_help() and "--update-card" in parser.format_help()
+    ns = parser.parse_args(["genre:rock", "--split", "val", "--field", "style"])
+    assert ns.args == ["genre:rock"] and ns.split == "val" and ns.field == "style"
+    assert ns.cache is None and ns.windows is None  # each form fills its own
+    with pytest.raises(CrnnError, match="--split on a library is test or val"):
+        library_eval.eval_library(parser.parse_args(["--split", "train"]), [], None)

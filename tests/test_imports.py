@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What crnn-train, crnn-eval, crnn-export, crnn-finetune, crnn-wccn and research/gpu import.
 WITHOUT_BEETS = [f"beetsplug.crnn.training.{name}" for name in
-                 ("train", "evaluate", "export", "finetune", "wccn", "libtrain", "robustness")]
+                 ("train", "evaluate", "export", "finetune", "wccn", "library_train", "robustness")]
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

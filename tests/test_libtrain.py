@@ -22,7 +22,8 @@ import pytest
 import soundfile as sf
 
 from audiogen import write as write_clip
-from beetsplug.crnn.training import dataset, libtrain
+from beetsplug.crnn import audio
+from beetsplug.crnn.training import dataset, excerpts, library_train, taxonomy
 from beetsplug.crnn.errors import CrnnError
 from beetsplug.crnn.training.fileid import content_id
 from conftest import BeetsEnv
@@ -121,28 +122,28 @@ def model_folders(env):
 # ---- genres: normalising, splitting, aliases, taxonomy (no audio) ----
 
 def test_genre_names_normalise_split_and_alias():
-    assert {libtrain.genre_key(g) for g in ("Hip-Hop", "hip hop", "HipHop", "HIP_HOP", " hip-hop ")} == {"hiphop"}
-    assert libtrain.split_genres("Rock; Pop") == ["Rock", "Pop"]
-    assert libtrain.split_genres("Rock, Pop / Jazz") == ["Rock", "Pop", "Jazz"]
-    assert libtrain.split_genres(["Rock", "Pop; Soul"]) == ["Rock", "Pop", "Soul"]
-    assert libtrain.split_genres("Rock\\␀Pop") == ["Rock", "Pop"]  # beets' multi-value delimiter
-    assert libtrain.split_genres(None) == [] and libtrain.split_genres(" ; ") == []
-    names = libtrain.GenreNames({"electronic": ["electronica", "EDM"], "Hip-Hop": "rap"})
+    assert {taxonomy.genre_key(g) for g in ("Hip-Hop", "hip hop", "HipHop", "HIP_HOP", " hip-hop ")} == {"hiphop"}
+    assert taxonomy.split_genres("Rock; Pop") == ["Rock", "Pop"]
+    assert taxonomy.split_genres("Rock, Pop / Jazz") == ["Rock", "Pop", "Jazz"]
+    assert taxonomy.split_genres(["Rock", "Pop; Soul"]) == ["Rock", "Pop", "Soul"]
+    assert taxonomy.split_genres("Rock\\␀Pop") == ["Rock", "Pop"]  # beets' multi-value delimiter
+    assert taxonomy.split_genres(None) == [] and taxonomy.split_genres(" ; ") == []
+    names = taxonomy.GenreNames({"electronic": ["electronica", "EDM"], "Hip-Hop": "rap"})
     assert names.keys(["Electronica", "edm", "Electronic", "Rap", "hip hop"]) == ["electronic", "hiphop"]
     assert names.label("electronic") == "electronic" and names.label("hiphop") == "hip-hop"
     with pytest.raises(CrnnError, match="alias of two genres"):
-        libtrain.GenreNames({"a": ["x"], "b": ["x"]})
+        taxonomy.GenreNames({"a": ["x"], "b": ["x"]})
 
 
 def _tracks(spec):
     """[(artist, genre value)] -> Tracks."""
-    return [libtrain.Track(i, f"/music/{i}.mp3", a, [v] if v else []) for i, (a, v) in enumerate(spec)]
+    return [taxonomy.Track(i, f"/music/{i}.mp3", a, [v] if v else []) for i, (a, v) in enumerate(spec)]
 
 
 def test_plan_taxonomy_counts_and_left_out():
     spec = ([(f"R{i % 6}", "Rock") for i in range(36)] + [(f"J{i % 6}", "jazz") for i in range(31)]
             + [(f"P{i % 6}", "Pop") for i in range(12)] + [("X", None)] * 3 + [("M", "Rock; Jazz")])
-    p = libtrain.plan(_tracks(spec), min_tracks=30)
+    p = taxonomy.plan(_tracks(spec), min_tracks=30)
     assert p.genres == ["jazz", "rock"]
     assert p.left_out["without a genre"]["tracks"] == 3
     rare = p.left_out["of rare genres (fewer than 30 tracks, --min-tracks)"]
@@ -150,26 +151,26 @@ def test_plan_taxonomy_counts_and_left_out():
     assert sum(sum(c.values()) for c in p.counts.values()) == 36 + 31 + 2  # the multi-genre track counts twice
     multi = [r for r in p.records if r.more]
     assert len(multi) == 1 and (multi[0].genre, multi[0].more) == ("rock", ("jazz",))
-    text = libtrain.format_plan(p)
+    text = taxonomy.format_plan(p)
     assert "left out: 12 of rare genres" in text and "pop 12" in text and "3 without a genre" in text
     # --max-genres keeps the largest; --genres chooses
-    p2 = libtrain.plan(_tracks(spec), min_tracks=10, max_genres=2)
+    p2 = taxonomy.plan(_tracks(spec), min_tracks=10, max_genres=2)
     assert p2.genres == ["jazz", "rock"] and "of genres beyond the 2 largest (--max-genres)" in p2.left_out
-    p3 = libtrain.plan(_tracks(spec), genres=["POP", "jazz"])
+    p3 = taxonomy.plan(_tracks(spec), genres=["POP", "jazz"])
     assert p3.genres == ["jazz", "pop"] and p3.left_out["of genres not in --genres"]["tracks"] == 36
 
 
 def test_plan_errors_are_one_line():
     with pytest.raises(CrnnError, match="none of the 2 tracks .* has a 'genre'"):
-        libtrain.plan(_tracks([("a", None), ("b", "")]))
+        taxonomy.plan(_tracks([("a", None), ("b", "")]))
     with pytest.raises(CrnnError, match=r"at least two genres with 30 or more tracks.*has 1 \(rock 40, pop 3 tracks\)"):
-        libtrain.plan(_tracks([("a", "rock")] * 40 + [("b", "pop")] * 3))
+        taxonomy.plan(_tracks([("a", "rock")] * 40 + [("b", "pop")] * 3))
     with pytest.raises(CrnnError, match="--genres must name at least two genres"):
-        libtrain.plan(_tracks([("a", "rock")] * 40 + [("b", "pop")] * 3), genres=["rock"])
+        taxonomy.plan(_tracks([("a", "rock")] * 40 + [("b", "pop")] * 3), genres=["rock"])
     with pytest.raises(CrnnError, match="no track has the genre 'metal'"):
-        libtrain.plan(_tracks([("a", "rock")] * 40 + [("b", "pop")] * 3), genres=["rock", "metal"])
+        taxonomy.plan(_tracks([("a", "rock")] * 40 + [("b", "pop")] * 3), genres=["rock", "metal"])
     with pytest.raises(CrnnError, match="no tracks match the query 'x'"):
-        libtrain.plan([], query="x")
+        taxonomy.plan([], query="x")
 
 
 def test_artist_split_is_disjoint_stratified_and_seeded():
@@ -179,7 +180,7 @@ def test_artist_split_is_disjoint_stratified_and_seeded():
         for a in range(12):
             spec += [(f"{g} artist {a}", g)] * int(rng.integers(1, 8))
     tracks = _tracks(spec)
-    p = libtrain.plan(tracks, min_tracks=5)
+    p = taxonomy.plan(tracks, min_tracks=5)
     by_artist = {}
     for r in p.records:
         by_artist.setdefault(r.artist, set()).add(r.split)
@@ -188,16 +189,16 @@ def test_artist_split_is_disjoint_stratified_and_seeded():
         c = p.counts[g]
         assert c["train"] > 0 and c["val"] > 0 and c["test"] > 0
         assert c["test"] <= 0.3 * sum(c.values())
-    assert libtrain.plan(tracks, min_tracks=5).artists == p.artists  # fixed seed: same split
-    assert libtrain.plan(tracks, min_tracks=5, seed=1).artists != p.artists
+    assert taxonomy.plan(tracks, min_tracks=5).artists == p.artists  # fixed seed: same split
+    assert taxonomy.plan(tracks, min_tracks=5, seed=1).artists != p.artists
     # never the last artist of a genre: two artists -> one trains
-    two = libtrain.split_artists([("a", "x"), ("b", "x")], val_fraction=0.4, test_fraction=0.4)
+    two = taxonomy.split_artists([("a", "x"), ("b", "x")], val_fraction=0.4, test_fraction=0.4)
     assert sorted(two.values()) == ["test", "train"]
-    assert libtrain.split_artists([("a", "x")] * 5) == {"a": "train"}
+    assert taxonomy.split_artists([("a", "x")] * 5) == {"a": "train"}
 
 
 def test_split_key_is_the_album_artist_but_the_track_artist_on_compilations():
-    split = libtrain.split_artist
+    split = taxonomy.split_artist
     assert split("Band feat. Guest", "Band") == ("Band", False)  # an album artist gathers its features
     assert split("Solo", "") == ("Solo", False) and split("", "") == ("", False)
     assert split("A", "Various Artists") == ("A", True)  # beets' default va_name
@@ -212,11 +213,11 @@ def test_split_key_is_the_album_artist_but_the_track_artist_on_compilations():
     tracks = []
     for i in range(40):
         artist, comp = split(f"Artist {i % 20}", "Various Artists")
-        tracks.append(libtrain.Track(i, f"/m/va/{i}.mp3", artist, ["rock" if i % 2 else "pop"], comp))
+        tracks.append(taxonomy.Track(i, f"/m/va/{i}.mp3", artist, ["rock" if i % 2 else "pop"], comp))
     for i in range(40, 60):
         artist, comp = split(f"Band feat. Guest {i}", "Band")
-        tracks.append(libtrain.Track(i, f"/m/band/{i}.mp3", artist, ["rock"], comp))
-    p = libtrain.plan(tracks, min_tracks=5, val_fraction=0.2, test_fraction=0.2)
+        tracks.append(taxonomy.Track(i, f"/m/band/{i}.mp3", artist, ["rock"], comp))
+    p = taxonomy.plan(tracks, min_tracks=5, val_fraction=0.2, test_fraction=0.2)
     splits = {}
     for r in p.records:
         splits.setdefault(r.artist, set()).add(r.split)
@@ -225,8 +226,8 @@ def test_split_key_is_the_album_artist_but_the_track_artist_on_compilations():
     assert p.artists["test"] and p.artists["val"] and all(len(s) == 1 for s in splits.values())
     assert p.summary()["split"]["compilation_tracks"] == 40
     assert "40 compilation track(s) (comp, or album artist = va_name) split by their track artist" in \
-        libtrain.format_plan(p)
-    assert "compilation" not in libtrain.format_plan(libtrain.plan(tracks[40:] + _tracks([("x", "pop")] * 6),
+        taxonomy.format_plan(p)
+    assert "compilation" not in taxonomy.format_plan(taxonomy.plan(tracks[40:] + _tracks([("x", "pop")] * 6),
                                                                    min_tracks=5))
 
 
@@ -284,21 +285,21 @@ def test_a_compilation_trains_with_held_out_artists_and_evaluates(tmp_path, tiny
 def test_names_data_rule(tmp_path):
     (tmp_path / "set").mkdir()
     (tmp_path / "m.csv").write_text("path,genre\n")
-    assert libtrain.names_data([str(tmp_path / "set"), str(tmp_path / "m.csv")])
-    assert not libtrain.names_data([])
-    assert not libtrain.names_data([str(tmp_path / "set"), "genre:rock"])
-    assert not libtrain.names_data([str(tmp_path / "set")], library_flag=True)
+    assert library_train.names_data([str(tmp_path / "set"), str(tmp_path / "m.csv")])
+    assert not library_train.names_data([])
+    assert not library_train.names_data([str(tmp_path / "set"), "genre:rock"])
+    assert not library_train.names_data([str(tmp_path / "set")], library_flag=True)
 
 
 def test_init_from_defaults_to_the_shipped_model():
     from beetsplug.crnn.model import default_weights_dir
 
-    parse = libtrain.build_train_parser().parse_args
-    assert libtrain.resolve_init(parse([])) == str(default_weights_dir())
-    assert libtrain.resolve_init(parse(["--from-scratch"])) is None
-    assert libtrain.resolve_init(parse(["--init-from", "/x"])) == "/x"
+    parse = library_train.build_train_parser().parse_args
+    assert library_train.resolve_init(parse([])) == str(default_weights_dir())
+    assert library_train.resolve_init(parse(["--from-scratch"])) is None
+    assert library_train.resolve_init(parse(["--init-from", "/x"])) == "/x"
     with pytest.raises(CrnnError, match="exclude each other"):
-        libtrain.resolve_init(parse(["--from-scratch", "--init-from", "/x"]))
+        library_train.resolve_init(parse(["--from-scratch", "--init-from", "/x"]))
     ns = parse(["genre:rock"])
     assert ns.query == ["genre:rock"] and ns.max_minutes == 60 and ns.min_tracks == 30 and ns.max_genres == 20
 
@@ -308,7 +309,7 @@ def test_init_from_defaults_to_the_shipped_model():
 def test_excerpt_cache_matches_serving_and_caps_its_size(tmp_path):
     long = write_clip(tmp_path / "long.flac", 200.0, sr=44100, kind="tonal", seed=3)
     short = write_clip(tmp_path / "short.wav", 50.0, kind="beat", seed=4)
-    cache = libtrain.ExcerptCache(tmp_path / "ex", 2)
+    cache = excerpts.ExcerptCache(tmp_path / "ex", 2)
     whole = dataset.MelCache(tmp_path / "whole")
     parts, starts, n = cache.entry(long)
     assert len(parts) == 2 and n == 200 * SR  # two spans around the two windows, not the whole track
@@ -319,7 +320,7 @@ def test_excerpt_cache_matches_serving_and_caps_its_size(tmp_path):
     np.testing.assert_array_equal(cache.get(short)[0].astype(np.float32), whole.get(short)[0])
     np.testing.assert_array_equal(cache.serving(short, 2), whole.serving(short, 2))
     # size cap: the entries used longest ago go, this run's never
-    capped = libtrain.ExcerptCache(tmp_path / "ex", 2, max_bytes=1)
+    capped = excerpts.ExcerptCache(tmp_path / "ex", 2, max_bytes=1)
     old = cache._key(Path(long))
     os.utime(old, (time.time() - 1000, time.time() - 1000))
     removed, left = capped.prune(keep=[short])
@@ -356,8 +357,8 @@ def where_in_file(crop, whole, bands=slice(None)) -> tuple[int, float]:
     """
     from beetsplug.crnn.features import FLOOR_DB, SILENCE_DB
 
-    cols = np.arange(0, libtrain.WINDOW_FRAMES, 50)
-    peak = np.maximum(np.lib.stride_tricks.sliding_window_view(whole.max(axis=0), libtrain.WINDOW_FRAMES).max(axis=1),
+    cols = np.arange(0, audio.WINDOW_FRAMES, 50)
+    peak = np.maximum(np.lib.stride_tricks.sliding_window_view(whole.max(axis=0), audio.WINDOW_FRAMES).max(axis=1),
                       SILENCE_DB)
     best = (None, np.inf)
     for s in range(len(peak)):
@@ -377,7 +378,7 @@ def test_teacher_targets_follow_a_crop_to_its_place_in_the_file(tmp_path, monkey
     long = write_clip(tmp_path / "long.wav", 200.0, kind="beat", seed=3)  # noise bursts: every frame differs
     short = write_clip(tmp_path / "short.wav", 8.0, kind="tonal", seed=4)
     recs = [dataset.Record(long, "a", "train", "A", "library"), dataset.Record(short, "b", "train", "B", "library")]
-    cache = libtrain.ExcerptCache(tmp_path / "ex", 2)
+    cache = excerpts.ExcerptCache(tmp_path / "ex", 2)
     asked = []
     time_teacher(monkeypatch, asked)
     trainer = train.Trainer(recs, cache, log=lambda m: None, teacher="musicnn", teacher_dir=tmp_path / "teacher",
@@ -387,7 +388,7 @@ def test_teacher_targets_follow_a_crop_to_its_place_in_the_file(tmp_path, monkey
     assert len(parts) == 2 and 0 < starts[0] < starts[1]  # two spans, neither at the start of the file
     assert trainer.train_starts == [starts, [0]]
     whole = dataset.MelCache(tmp_path / "whole").get(long)[0]
-    crop_s = libtrain.WINDOW_FRAMES * HOP_LENGTH / SR
+    crop_s = audio.WINDOW_FRAMES * HOP_LENGTH / SR
     centres = (np.arange(int(200.0 // TEACHER_HOP_S)) + 0.5) * TEACHER_HOP_S
 
     def check(version_p, bands):
@@ -422,7 +423,7 @@ def test_init_from_with_new_head_keeps_every_other_layer(tmp_path, tiny_model):
             path = tmp_path / f"{g}{i}.wav"
             sf.write(str(path), family_clip(kind, i), SR)
             recs.append(dataset.Record(path, g, split, f"{g} {i}", "library"))
-    trainer = train.Trainer(recs, libtrain.ExcerptCache(tmp_path / "c", 2), log=lambda m: None)
+    trainer = train.Trainer(recs, excerpts.ExcerptCache(tmp_path / "c", 2), log=lambda m: None)
     with pytest.raises(CrnnError, match="--init-from model knows"):
         trainer.fit(epochs=1, init_from=str(tiny_model.weights.parent), max_steps=1)
     full, arch, info = trainer.fit(epochs=1, init_from=str(tiny_model.weights.parent), new_head=True, lr=0.0,
@@ -443,7 +444,7 @@ def test_time_budget_starts_at_the_first_batch():
     class Model:
         stop_training = False
 
-    budget = libtrain.time_budget(0.5 / 60)  # half a second
+    budget = library_train.time_budget(0.5 / 60)  # half a second
     budget.set_model(Model())
     time.sleep(0.6)  # the Trainer's preparation
     budget.on_train_batch_end(0)
@@ -632,14 +633,14 @@ def test_plan_with_a_teacher_trains_genre_less_tracks_by_artist():
     spec = [(f"R{i % 6}", "Rock") for i in range(36)] + [(f"J{i % 6}", "jazz") for i in range(36)]
     spare = [("R0", None), ("R1", "Polka"), ("J2", None), ("J3", None)] + [(f"Solo {i}", None) for i in range(10)]
     tracks = _tracks(spec + spare)
-    without = libtrain.plan(tracks, min_tracks=30)
-    p = libtrain.plan(tracks, min_tracks=30, unlabelled=True)
+    without = taxonomy.plan(tracks, min_tracks=30)
+    p = taxonomy.plan(tracks, min_tracks=30, unlabelled=True)
     assert without.unlabelled == [] and "unlabelled" not in without.summary()
     assert p.records == without.records  # the labelled split does not move
     assert len(p.unlabelled) == len(spare) and p.left_out == without.left_out
     split_of = {r.artist: r.split for r in p.records}
     for r in p.unlabelled:
-        assert r.genre == "" and r.more == () and r.source == libtrain.UNLABELLED
+        assert r.genre == "" and r.more == () and r.source == taxonomy.UNLABELLED
         if r.artist in split_of:  # an artist with labelled tracks: the same split
             assert r.split == split_of[r.artist]
     solo = {r.artist: r.split for r in p.unlabelled if r.artist.startswith("solo")}
@@ -649,8 +650,8 @@ def test_plan_with_a_teacher_trains_genre_less_tracks_by_artist():
         assert {a for a, sp in solo.items() if sp == s} <= set(p.artists[s])
     assert sum(len(a) for a in p.artists.values()) == len({r.artist for r in p.records + p.unlabelled})
     assert p.summary()["unlabelled"] == {s: sum(r.split == s for r in p.unlabelled) for s in dataset.SPLITS}
-    assert "teacher only (no usable genre):" in libtrain.format_plan(p)
-    assert libtrain.format_plan(without) == libtrain.format_plan(p).rsplit("\n", 1)[0]
+    assert "teacher only (no usable genre):" in taxonomy.format_plan(p)
+    assert taxonomy.format_plan(without) == taxonomy.format_plan(p).rsplit("\n", 1)[0]
 
 
 def teacher_library(root, seconds=3.0):
@@ -663,10 +664,10 @@ def teacher_library(root, seconds=3.0):
                 path = root / f"{kind}-{a}-{k}.wav"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sf.write(str(path), family_clip(kind, 100 * gi + 10 * a + k, seconds), SR)
-                tracks.append(libtrain.Track(len(tracks), str(path), f"{kind} artist {a}", [genre] if genre else []))
+                tracks.append(taxonomy.Track(len(tracks), str(path), f"{kind} artist {a}", [genre] if genre else []))
     for a in range(3):
         path = write_clip(root / f"solo-{a}.wav", seconds, kind="beat", seed=a)
-        tracks.append(libtrain.Track(len(tracks), str(path), f"solo {a}", []))
+        tracks.append(taxonomy.Track(len(tracks), str(path), f"solo {a}", []))
     return tracks
 
 
@@ -690,12 +691,12 @@ def test_library_teacher_trains_on_train_artists_only(tmp_path, monkeypatch):
         raise Stop
 
     monkeypatch.setattr(train, "run", run)
-    args = libtrain.build_train_parser().parse_args(["--teacher", "musicnn", "--from-scratch", *TEACHER_SPLIT])
+    args = library_train.build_train_parser().parse_args(["--teacher", "musicnn", "--from-scratch", *TEACHER_SPLIT])
     config = tmp_path / "config"
     with pytest.raises(Stop):
-        libtrain.train_library(args, tracks, config, log=lambda m: None, say=lambda m: None, workers=1)
+        library_train.train_library(args, tracks, config, log=lambda m: None, say=lambda m: None, workers=1)
     assert checks == [1]
-    p = libtrain.plan(tracks, min_tracks=2, val_fraction=0.2, test_fraction=0.3, unlabelled=True)
+    p = taxonomy.plan(tracks, min_tracks=2, val_fraction=0.2, test_fraction=0.3, unlabelled=True)
     held = set(p.artists["test"]) | set(p.artists["val"])
     assert p.artists["test"] and set(p.artists["train"]) & {"solo 0", "solo 1", "solo 2"}
     records, unlabelled = seen["records"], seen["unlabelled"]
@@ -708,12 +709,12 @@ def test_library_teacher_trains_on_train_artists_only(tmp_path, monkeypatch):
     for r in p.unlabelled:  # decoded only when it trains
         assert cache.has(r.path) == (r.split == "train")
     assert seen["args"].teacher == "musicnn"
-    assert seen["args"].teacher_cache == str(config / libtrain.CACHE_DIR / libtrain.TEACHER_DIR)
+    assert seen["args"].teacher_cache == str(config / library_train.CACHE_DIR / library_train.TEACHER_DIR)
 
     # --unlabelled DIR stays for manifest training: one line saying why
-    args = libtrain.build_train_parser().parse_args(["--teacher", "musicnn", "--unlabelled", str(tmp_path)])
+    args = library_train.build_train_parser().parse_args(["--teacher", "musicnn", "--unlabelled", str(tmp_path)])
     with pytest.raises(CrnnError, match=r"^--unlabelled DIR is for training on DATA \(its files have no artist"):
-        libtrain.train_library(args, tracks, config, log=lambda m: None, say=lambda m: None)
+        library_train.train_library(args, tracks, config, log=lambda m: None, say=lambda m: None)
 
 
 # The real `beet` CLI in a subprocess, with the fake teacher of test_teacher.py as the teacher's runner (its
@@ -762,7 +763,7 @@ def test_crnntrain_with_the_teacher_through_beets(tmp_path, tiny_model):
     (tmp_path / "fake_teacher.py").write_text(FAKE_TEACHER)
     (tmp_path / "cli.py").write_text(TEACHER_CLI)
     counter, spy = tmp_path / "calls.txt", tmp_path / "spy.json"
-    tcache = env.root / libtrain.CACHE_DIR / libtrain.TEACHER_DIR
+    tcache = env.root / library_train.CACHE_DIR / library_train.TEACHER_DIR
     proc = subprocess.run([sys.executable, str(tmp_path / "cli.py"), str(tmp_path / "fake_teacher.py"), str(counter),
                            str(tcache), str(spy), "crnntrain", "--teacher", "musicnn", *TEACHER_SPLIT, "--from-scratch",
                            *TINY, "--epochs", "1", "--max-steps", "1", "--crops", "1"],
@@ -808,4 +809,4 @@ def test_crnntrain_teacher_without_the_extra_is_one_line(tmp_path, tiny_model):
     assert proc.returncode != 0
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: the musicnn teacher needs musicnn: pip install"), proc.stderr
-    assert not (env.root / libtrain.CACHE_DIR).exists()  # stopped before any decoding
+    assert not (env.root / library_train.CACHE_DIR).exists()  # stopped before any decoding

@@ -243,14 +243,14 @@ def test_ffmpeg_decoder_is_killed_at_the_time_limit(tmp_path):
 
 def test_decode_all_is_the_one_pool_loop_for_embedding_and_library_training(tmp_path):
     """pipeline.decode_all: results in job order, one line per failure (ours, or over the time limit),
-    numpy's BLAS on one thread inside the workers, and libtrain.decode runs on it too."""
+    numpy's BLAS on one thread inside the workers, and excerpts.decode runs on it too."""
     import threading
 
     from threadpoolctl import threadpool_info
 
     from beetsplug.crnn import pipeline
 
-    from beetsplug.crnn.training import libtrain
+    from beetsplug.crnn.training import dataset, excerpts
     from beetsplug.crnn.errors import AudioError
 
     blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
@@ -278,10 +278,10 @@ def test_decode_all_is_the_one_pool_loop_for_embedding_and_library_training(tmp_
     good = write(tmp_path / "good.wav", 3.0)
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all")
-    records = [libtrain.dataset.Record(good, "rock", "train", "a", "lib"),
-               libtrain.dataset.Record(bad, "rock", "train", "b", "lib")]
+    records = [dataset.Record(good, "rock", "train", "a", "lib"),
+               dataset.Record(bad, "rock", "train", "b", "lib")]
     errors = []
-    ready = libtrain.decode(records, libtrain.ExcerptCache(tmp_path / "cache"), workers=2, on_error=errors.append)
+    ready = excerpts.decode(records, excerpts.ExcerptCache(tmp_path / "cache"), workers=2, on_error=errors.append)
     assert [r.path for r in ready] == [good]
     assert len(errors) == 1 and "bad.wav" in errors[0]
 

@@ -179,7 +179,7 @@ def decode_all(jobs: Iterable[tuple[Any, Any]], work, workers=None, timeout=audi
     """Run ``work(task)`` for every (key, path) job on the decoder pool; yield (task, None) with
     ``task.value`` set, or (task, one-line reason) for a file that failed or ran over ``timeout``, in order.
 
-    The one loop behind crnnembed (``analyse``) and library training (``libtrain.decode``): at most
+    The one loop behind crnnembed (``analyse``) and library training (``excerpts.decode``): at most
     2 x ``workers`` files in flight, numpy's BLAS on one thread, the mel filters built before the
     first file's clock starts. ``work`` should set ``task.audio`` to its AudioFile so a file over its
     time limit can be aborted. Errors that are not ours (Ctrl-C, MemoryError in a worker) are raised.

@@ -1,9 +1,9 @@
 """``beet crnntrain`` and ``beet crnneval``: on the library's own genres (QUERY) or on labelled audio (DATA).
 
-One rule tells data from a query (``libtrain.names_data``): arguments that all name existing files
-or folders are labelled data sets; anything else, or nothing, is a beets query (``--library``
+One rule tells data from a query (``library_train.names_data``): arguments that all name existing
+files or folders are labelled data sets; anything else, or nothing, is a beets query (``--library``
 forces a query). DATA goes to ``train.run`` / ``evaluate.run`` as ``crnn-train`` / ``crnn-eval``
-would run it; a query reads the items here and hands ``libtrain`` plain values.
+would run it; a query reads the items here and hands ``library_train`` / ``library_eval`` plain values.
 """
 
 from __future__ import annotations
@@ -24,34 +24,31 @@ EVAL_HELP = "evaluate a CRNN on your library's held-out artists (QUERY) or on la
 
 
 def add_train_options(parser) -> None:
-    from ..training.libtrain import build_train_parser
+    from ..training.library_train import build_train_parser
 
     adopt_argparse(parser, build_train_parser())
     parser.usage = "%prog [options] [QUERY | DATA...]"
 
 
 def add_eval_options(parser) -> None:
-    from ..training.evaluate import build_parser
-    from ..training.libtrain import eval_only_options
+    from ..training.library_train import build_eval_parser
 
-    adopt_argparse(parser, build_parser())
-    adopt_argparse(parser, eval_only_options())
-    parser.get_option("--model").help += "; with a QUERY: the newest in crnn_models/, else crnn.model"
+    adopt_argparse(parser, build_eval_parser())
     parser.usage = "%prog [options] [QUERY | DATA...]"
 
 
 def run_train(plugin, lib, opts, args) -> None:
-    from ..training import libtrain
     from ..model import require_tensorflow
+    from ..training import library_train
 
     if not getattr(opts, "dry_run", False):
         with user_errors():
             require_tensorflow()  # before the library is decoded
-    if not libtrain.names_data(args, opts.library):
+    if not library_train.names_data(args, opts.library):
         return train_library(plugin, lib, opts, args)
     from ..training.train import build_parser, run, train_into
 
-    _refuse_library_options(opts, libtrain.LIBRARY_OPTIONS, "training on DATA")
+    _refuse_library_options(opts, library_train.LIBRARY_OPTIONS, "training on DATA")
     argv = argv_from(opts, args)
     ns = build_parser(out_required=False).parse_args(argv)
     ns.command = "beet crnntrain " + " ".join(argv)
@@ -65,32 +62,33 @@ def run_train(plugin, lib, opts, args) -> None:
             write(ns.out)
             return
         # as on a library: crnn_models/<model id> in the beets config directory, never the working directory
-        card, folder = train_into(Path(beets_config.config_dir()) / libtrain.MODELS_DIR, write)
+        card, folder = train_into(Path(beets_config.config_dir()) / library_train.MODELS_DIR, write)
     _wrote(card, folder)
 
 
 def run_eval(plugin, lib, opts, args) -> None:
-    from ..training import libtrain
+    from ..training.library_train import build_eval_parser, names_data
 
-    if not libtrain.names_data(args, opts.library):
-        return eval_library(plugin, lib, opts, args)
-    from ..training.evaluate import build_parser, run
+    ns = build_eval_parser().parse_args(argv_from(opts, args))  # the parser --help shows, for both forms
+    if not names_data(ns.args, ns.library):
+        return eval_library(plugin, lib, ns)
+    from ..training.evaluate import run
 
     _refuse_library_options(opts, ("library", "field"), "evaluating DATA")
-    ns = build_parser().parse_args(argv_from(opts, args))
+    ns.data = ns.args
     with user_errors():
         ui.print_(run(ns))
 
 
 def train_library(plugin, lib, opts, args) -> None:
-    from ..training import libtrain
+    from ..training import library_train
 
     argv = argv_from(opts, args)
-    ns = libtrain.build_train_parser().parse_args(argv)
+    ns = library_train.build_train_parser().parse_args(argv)
     ns.command = "beet crnntrain " + " ".join(argv)
     tracks = _library_tracks(lib, args, ns.field)
     with user_errors():
-        result = libtrain.train_library(
+        result = library_train.train_library(
             ns, tracks, beets_config.config_dir(), _aliases(plugin), query=" ".join(args),
             log=lambda m: plugin._log.info("{}", m), warn=lambda m: plugin._log.warning("{}", m), say=ui.print_,
             progress=lambda total: progress(total), workers=plugin.config["workers"].get(int) or None,
@@ -108,20 +106,22 @@ def _wrote(card, folder) -> None:
     ui.print_("then run beet crnnembed: the model id changed, so every track is analysed again")
 
 
-def eval_library(plugin, lib, opts, args) -> None:
-    from ..training import libtrain
+def eval_library(plugin, lib, ns) -> None:
+    """`beet crnneval [QUERY]`: the newest model trained on the library (or --model) beside the configured and
+    the shipped one, on the held-out artists."""
     from ..model import ModelCard
+    from ..training import library_eval
+    from ..training.library_train import library_paths
 
     for name in ("robustness", "clips_per_genre", "version_cache", "update_card"):
-        if getattr(opts, name, None) not in (None, False):
+        if getattr(ns, name, None) not in (None, False):
             raise UserError(f"--{name.replace('_', '-')} is for evaluating DATA, not a library query")
-    ns = libtrain.build_eval_parser().parse_args(argv_from(opts, args))
-    config_dir = beets_config.config_dir()
-    cache_dir, models_dir = libtrain.library_paths(config_dir, ns)
+    args = ns.args
+    cache_dir, models_dir = library_paths(beets_config.config_dir(), ns)
     configured = plugin.config["model"].as_str() or None
     with user_errors():
         # --model, else the newest model trained on the library, else the configured one
-        where = ns.model or libtrain.newest_model(models_dir)
+        where = ns.model or library_eval.newest_model(models_dir)
         if not ns.model:
             if where is not None:
                 plugin._log.info("evaluating the newest model in {} (--model chooses another)", models_dir)
@@ -142,8 +142,8 @@ def eval_library(plugin, lib, opts, args) -> None:
                 continue
             if other.model_id not in [card.model_id] + [o.model_id for _, o in others if not isinstance(o, str)]:
                 others.append((role, other))
-        field = ns.field or (libtrain.library_info(card) or {}).get("field") or "genre"
-        text, _ = libtrain.eval_library(
+        field = ns.field or (library_eval.library_info(card) or {}).get("field") or "genre"
+        text, _ = library_eval.eval_library(
             ns, _library_tracks(lib, args, field), card, others, cache_dir, _aliases(plugin), query=" ".join(args),
             log=lambda m: plugin._log.warning("{}", m), windows=plugin.config["windows"].get(int),
             workers=plugin.config["workers"].get(int) or None, timeout=plugin.config["timeout"].as_number() or None,
@@ -152,11 +152,11 @@ def eval_library(plugin, lib, opts, args) -> None:
 
 
 def _library_tracks(lib, args, field):
-    """The items matching the query as libtrain.Track (id, path, split artist, genre values): the album
+    """The items matching the query as taxonomy.Track (id, path, split artist, genre values): the album
     artist, else the artist; the track artist on compilations (``comp``, or album artist = ``va_name``)."""
     from beets.dbcore.query import ParsingError
 
-    from ..training.libtrain import Track, split_artist
+    from ..training.taxonomy import Track, split_artist
 
     try:
         items = list(lib.items(args))

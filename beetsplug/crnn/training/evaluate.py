@@ -23,6 +23,8 @@ from ..errors import CrnnError
 from ..model import ModelCard, embedder_for, pool_track
 from ..rank import DEFAULT_GENRE_WEIGHT
 
+DEFAULT_CACHE = Path(".cache") / "mels"
+
 
 def embed_records(records, embedder, cache, n_windows=DEFAULT_WINDOWS):
     """(unit embeddings, genre probabilities) per record, analysed as crnnembed would."""
@@ -45,7 +47,7 @@ def training_sources(card: ModelCard) -> set:
     return {Path(str(p)).name if Path(str(p)).suffix.lower() != ".csv" else Path(str(p)).parent.name for p in paths}
 
 
-def evaluate(records, card: ModelCard, cache_dir=Path(".cache") / "mels", split="test",
+def evaluate(records, card: ModelCard, cache_dir=DEFAULT_CACHE, split="test",
              n_windows=DEFAULT_WINDOWS, k=5, genre_weight=DEFAULT_GENRE_WEIGHT, embedder=None) -> dict:
     """The paper's tables and precision@k for one labelled set's split.
 
@@ -99,20 +101,26 @@ def neighbour_precision(records, embs, probs, k=5, genre_weight=DEFAULT_GENRE_WE
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crnn-eval", description="Evaluate a beets-crnn model on labelled splits.")
     p.add_argument("data", nargs="+", help="one or more labelled sets (manifest CSV or folder); each is scored on its own")
+    return add_options(p)
+
+
+def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The evaluation options (all but the data): `beet crnneval` has the same ones for both its forms."""
     p.add_argument("--model", default=None, help="model folder or card (default: the shipped model)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--cache", default=str(Path(".cache") / "mels"), help="log-mel cache folder")
-    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS)
+    p.add_argument("--split", default="test", help="the split to score (default: test)")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="log-mel cache folder")
+    p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="analysis windows per track")
     p.add_argument("--k", type=int, default=5, help="neighbours for precision@k")
     p.add_argument("--genre-weight", type=float, default=DEFAULT_GENRE_WEIGHT)
-    p.add_argument("--robustness", action="store_true",
-                   help="also make codec/level versions of the split's clips with ffmpeg and report how far they move")
-    p.add_argument("--clips-per-genre", type=int, default=None,
-                   help="robustness on the first N clips of each genre only (default: all)")
-    p.add_argument("--version-cache", default=None,
-                   help="keep the robustness versions in this folder (default: a temporary folder, removed after)")
     p.add_argument("--json", default=None, help="also write the report here")
-    p.add_argument("--update-card", action="store_true",
+    g = p.add_argument_group("robustness and the model card (labelled data only)")
+    g.add_argument("--robustness", action="store_true",
+                   help="also make codec/level versions of the split's clips with ffmpeg and report how far they move")
+    g.add_argument("--clips-per-genre", type=int, default=None,
+                   help="robustness on the first N clips of each genre only (default: all)")
+    g.add_argument("--version-cache", default=None,
+                   help="keep the robustness versions in this folder (default: a temporary folder, removed after)")
+    g.add_argument("--update-card", action="store_true",
                    help="record the metrics in the card of the --model (needs --model: never the shipped card)")
     return p
 
@@ -121,6 +129,8 @@ def run(args, log=None) -> str:
     from .metrics import format_report
 
     log = log or (lambda m: print(m, file=sys.stderr))
+    args.cache = args.cache or str(DEFAULT_CACHE)  # `beet crnneval DATA` leaves these to us
+    args.windows = args.windows or DEFAULT_WINDOWS
     if args.update_card and not args.model:  # the shipped card is the release's record, not a scratch pad
         raise CrnnError("--update-card writes into the model's card: name the model with --model DIR")
     card = ModelCard.load(args.model)

@@ -147,7 +147,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
         unlabelled=()) -> ModelCard:
     """Train as ``args`` say and write the model to ``args.out``.
 
-    A library (``libtrain``) passes its own ``records``, genre-less ``unlabelled`` records (beside
+    A library (``library_train``) passes its own ``records``, genre-less ``unlabelled`` records (beside
     any ``--unlabelled`` folders) and excerpt ``cache`` instead of ``args.data``, ``on_epoch``/
     ``callbacks`` for its progress line and time budget, and ``card_extra`` for the card's
     training section; everything else is this same code.
