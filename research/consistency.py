@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: python research/consistency.py
 
 from beetsplug.crnn.training import dataset, wccn  # noqa: E402
-from beetsplug.crnn.errors import CrnnError  # noqa: E402
+from beetsplug.crnn.errors import CrnnError, command_main  # noqa: E402
 from beetsplug.crnn.features import model_input  # noqa: E402
 from beetsplug.crnn.model import (ModelCard, build_for, import_tensorflow, l2_normalise,  # noqa: E402
                                   require_tensorflow)
@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return wccn.command_main("research/consistency.py", build_parser(), run, argv)
+    return command_main("research/consistency.py", lambda: build_parser().parse_args(argv), run,
+                        "interrupted; no model written")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""One root exception, so the plugin glue can turn any failure into a one-line message."""
+"""One root exception, so the plugin glue and the console scripts can turn any failure into a one-line message."""
 
 import os
+import sys
 
 
 def display_path(path) -> str:
@@ -30,3 +31,17 @@ class StoreError(CrnnError):
 
 class PlaylistError(CrnnError):
     """A playlist could not be written."""
+
+
+def command_main(prog: str, parse, run, interrupted: str = "interrupted") -> int:
+    """A console script's body: ``run(parse())``; a CrnnError is one line and status 1, Ctrl-C one line and 130."""
+    args = parse()
+    try:
+        run(args)
+    except CrnnError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    return 0

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import dataset
 from ..audio import DEFAULT_WINDOWS
-from ..errors import CrnnError
+from ..errors import CrnnError, command_main
 from ..model import ModelCard, embedder_for, pool_track
 from ..rank import DEFAULT_GENRE_WEIGHT
 
@@ -170,13 +170,7 @@ def run(args, log=None) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        print(run(args))
-    except CrnnError as exc:
-        print(f"crnn-eval: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return command_main("crnn-eval", lambda: build_parser().parse_args(argv), lambda args: print(run(args)))
 
 
 if __name__ == "__main__":

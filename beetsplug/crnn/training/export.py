@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..audio import N_MELS, WINDOW_FRAMES
-from ..errors import CrnnError, ModelError
+from ..errors import ModelError, command_main
 from ..features import model_input
 from ..model import CARD_NAME, POOLS, ModelCard, build_for, import_tensorflow, sha256_of
 
@@ -226,13 +226,7 @@ def export(model_dir=None, log=print) -> ModelCard:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="crnn-export", description="Export a beets-crnn model to ONNX (crnn.onnx).")
     p.add_argument("model", nargs="?", default=None, help="model folder or card (default: the shipped model)")
-    args = p.parse_args(argv)
-    try:
-        export(args.model)
-    except CrnnError as exc:
-        print(f"crnn-export: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return command_main("crnn-export", lambda: p.parse_args(argv), lambda args: export(args.model))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import model as model_mod
 from ..audio import DEFAULT_WINDOWS, WINDOW_FRAMES
-from ..errors import CrnnError
+from ..errors import CrnnError, command_main
 from ..model import CARD_NAME, DEFAULT_ARCHITECTURE, ModelCard
 from . import augment, dataset
 from .card import save_model
@@ -262,13 +262,7 @@ def train_into(models_dir, write) -> tuple[ModelCard, Path]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except CrnnError as exc:
-        print(f"crnn-train: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return command_main("crnn-train", lambda: build_parser().parse_args(argv), run, "interrupted; no model written")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import augment, dataset
 from ..audio import DEFAULT_WINDOWS
-from ..errors import CrnnError
+from ..errors import CrnnError, command_main
 from ..model import Embedder, ModelCard, build_for
 
 DEFAULT_EDITS = ("compress", "lowpass", "tilt", "noise")
@@ -223,20 +223,6 @@ def add_version_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def command_main(prog: str, parser: argparse.ArgumentParser, run_command, argv=None) -> int:
-    """Run a model-writing command: one line and status 1 on a known error, 130 on Ctrl-C."""
-    args = parser.parse_args(argv)
-    try:
-        run_command(args)
-    except CrnnError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # the model is written only at the end: nothing half-written is left
-        print(f"{prog}: interrupted; no model written", file=sys.stderr)
-        return 130
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crnn-wccn", description=__doc__.split("\n\n")[0])
     add_version_arguments(p, "the model to project (default: the shipped model)")
@@ -246,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return command_main("crnn-wccn", build_parser(), run, argv)
+    # the model is written only at the end: nothing half-written is left
+    return command_main("crnn-wccn", lambda: build_parser().parse_args(argv), run, "interrupted; no model written")
 
 
 if __name__ == "__main__":
