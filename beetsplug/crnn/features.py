@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WINDOW_FRAMES
+from .audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WINDOW_FRAMES, samples_for
 
 # Power floor: digital silence maps to -200 dB rather than -inf. Far below any real signal,
 # so that even a quiet track made 40 dB quieter keeps its relative levels exactly.
@@ -98,12 +98,17 @@ def log_mels(ys) -> np.ndarray:
     if ys.shape[-1] < N_FFT:
         ys = np.pad(ys, ((0, 0), (0, N_FFT - ys.shape[-1])))
     basis = _mel_basis()
-    frames = np.lib.stride_tricks.sliding_window_view(ys, N_FFT, axis=-1)[:, ::HOP_LENGTH]  # (k, t, n_fft) view
+    return _power_db(ys, N_FFT, HOP_LENGTH, _WINDOW, basis)
+
+
+def _power_db(ys: np.ndarray, n_fft: int, hop: int, window: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """10 log10 of the mel power of every ``hop``-spaced ``n_fft`` frame of each signal in ``ys`` (k, n)."""
+    frames = np.lib.stride_tricks.sliding_window_view(ys, n_fft, axis=-1)[:, ::hop]  # (k, t, n_fft) view
     k, t = frames.shape[:2]
-    out = np.empty((k, N_MELS, t), np.float32)
+    out = np.empty((k, basis.shape[0], t), np.float32)
     for i in range(k):  # one window at a time keeps the float64 spectrum small (~20 MB)
-        spec = np.fft.rfft(frames[i] * _WINDOW, axis=-1)
-        power = (spec.real**2 + spec.imag**2).astype(np.float32)  # (t, 1025)
+        spec = np.fft.rfft(frames[i] * window, axis=-1)
+        power = (spec.real**2 + spec.imag**2).astype(np.float32)  # (t, 1 + n_fft / 2)
         out[i] = (power @ basis.T).T  # (t, 96) then transposed: 4x faster than basis @ power.T
     np.maximum(out, AMIN, out=out)
     np.log10(out, out=out)
@@ -175,7 +180,7 @@ class FrontEnd:
 
     @property
     def window_samples(self) -> int:
-        return self.n_fft + self.hop_length * (self.window_frames - 1)
+        return samples_for(self.window_frames)
 
     def log_mels(self, ys) -> np.ndarray:
         return log_mels(ys)
@@ -204,19 +209,8 @@ class MsdFrontEnd(FrontEnd):
         if ys.ndim == 1:
             ys = ys[None]
         pad = self.n_fft // 2  # centred frames with zero padding (librosa >= 0.10's default)
-        ys = np.pad(ys, ((0, 0), (pad, pad)))
         basis, window = _msd_basis()
-        frames = np.lib.stride_tricks.sliding_window_view(ys, self.n_fft, axis=-1)[:, :: self.hop_length]
-        k, t = frames.shape[:2]
-        out = np.empty((k, N_MELS, t), np.float32)
-        for i in range(k):
-            spec = np.fft.rfft(frames[i] * window, axis=-1)
-            power = (spec.real**2 + spec.imag**2).astype(np.float32)
-            out[i] = (power @ basis.T).T
-        np.maximum(out, AMIN, out=out)
-        np.log10(out, out=out)
-        out *= 10.0
-        return out
+        return _power_db(np.pad(ys, ((0, 0), (pad, pad))), self.n_fft, self.hop_length, window, basis)
 
     def model_input(self, mels) -> np.ndarray:
         m = 2.0 * np.asarray(mels, dtype=np.float32)  # 10 log10(mel^2)
