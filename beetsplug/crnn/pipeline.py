@@ -25,7 +25,7 @@ import numpy as np
 
 from . import audio
 from .errors import AudioError, CrnnError, display_path
-from .features import LEVEL_FREE, log_mel
+from .features import LEVEL_FREE
 from .model import pool_track
 
 # How long closing the pipeline waits for workers that are still decoding (not for stuck ones).
@@ -174,20 +174,20 @@ class _DecodePool:
                 t.join(max(0.0, deadline - time.monotonic()))
 
 
-def decode_all(jobs: Iterable[tuple[Any, Any]], work, workers=None, timeout=audio.DEFAULT_TIMEOUT
-               ) -> Iterator[tuple[_Task, str | None]]:
+def decode_all(jobs: Iterable[tuple[Any, Any]], work, workers=None, timeout=audio.DEFAULT_TIMEOUT,
+               front=LEVEL_FREE) -> Iterator[tuple[_Task, str | None]]:
     """Run ``work(task)`` for every (key, path) job on the decoder pool; yield (task, None) with
     ``task.value`` set, or (task, one-line reason) for a file that failed or ran over ``timeout``, in order.
 
     The one loop behind crnnembed (``analyse``) and library training (``excerpts.decode``): at most
-    2 x ``workers`` files in flight, numpy's BLAS on one thread, the mel filters built before the
+    2 x ``workers`` files in flight, numpy's BLAS on one thread, the mel filters of ``front`` (the model family's front end) built before the
     first file's clock starts. ``work`` should set ``task.audio`` to its AudioFile so a file over its
     time limit can be aborted. Errors that are not ours (Ctrl-C, MemoryError in a worker) are raised.
     """
     workers = workers or default_workers()
     jobs = iter(jobs)
     in_flight: deque = deque()
-    log_mel(np.zeros(audio.WINDOW_SAMPLES, np.float32))  # not charged to the first files' time limit
+    front.log_mels(np.zeros((1, front.window_samples), np.float32))  # its filters: not charged to the first files' limit
     with one_blas_thread():
         pool = _DecodePool(workers, work)
         try:
@@ -264,7 +264,7 @@ def analyse(jobs: Iterable[tuple[Any, Any]], embedder, n_windows=audio.DEFAULT_W
         return out
 
     # closing(): a consumer that stops early (Ctrl-C, an error) stops the pool now, not at garbage collection.
-    with one_blas_thread(), contextlib.closing(decode_all(jobs, prepare, workers, timeout)) as decoded:
+    with one_blas_thread(), contextlib.closing(decode_all(jobs, prepare, workers, timeout, front)) as decoded:
         for task, error in decoded:
             if error is not None:
                 yield Result(task.key, task.path, error=error)
