@@ -25,7 +25,12 @@ def serving_cache(cache, card):
 
     if card.front is LEVEL_FREE or getattr(cache, "front", None) is card.front:
         return cache
-    return dataset.MelCache(Path(cache.folder).parent / f"{card.front.name}-mels", card.front)
+    return front_cache(cache.folder, card.front)
+
+
+def front_cache(cache_dir, front):
+    """The log-mel cache of ``front``'s serving windows, beside the library's excerpt cache ``cache_dir``."""
+    return dataset.MelCache(Path(cache_dir).parent / f"{front.name}-mels", front)
 
 
 def score(records, card, cache, n_windows, k=5, genre_weight=None, embedder=None) -> dict:

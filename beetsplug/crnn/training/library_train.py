@@ -18,7 +18,7 @@ from .. import audio
 from ..errors import CrnnError
 from . import dataset
 from .excerpts import ExcerptCache, decode
-from .library_eval import SOURCE, held_out_line, score
+from .library_eval import SOURCE, front_cache, held_out_line, score
 from .taxonomy import Plan, format_plan, plan
 
 MODELS_DIR = "crnn_models"
@@ -343,7 +343,7 @@ def _train_library_msd(args, p: Plan, start, config_dir, log, say, warn=None, wo
     folder = _write_model(args.out, models_dir, write)
     left_out = runs[0].left_out
     card = ModelCard.load(folder)
-    mels = dataset.MelCache(cache_dir.parent / f"{card.front.name}-mels", card.front)  # as serving_cache has it
+    mels = front_cache(cache_dir, card.front)
     metrics = card.extra.setdefault("metrics", {})
     for split in ("val", "test"):
         chosen = []
