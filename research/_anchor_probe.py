@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from beetsplug.crnn.training.metrics import confusion_macro_f1  # noqa: E402
 from beetsplug.crnn.training.probe import (DEFAULT_L2, L2_GRID, Probe, _softmax, fit_probe,  # noqa: E402,F401
                                            one_blas_thread)
 
@@ -39,15 +40,7 @@ def restrict(P: np.ndarray, columns) -> np.ndarray:
 
 def top_genre_macro_f1(report: dict) -> float:
     """Macro-F1 of the top-genre decisions, from classification_report's argmax confusion matrix."""
-    C = np.asarray(report["confusion"], np.float64)
-    if C.size == 0:
-        return math.nan
-    tp = np.diag(C)
-    pred, true = C.sum(axis=0), C.sum(axis=1)
-    prec = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
-    rec = np.divide(tp, true, out=np.zeros_like(tp), where=true > 0)
-    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
-    return float(f1.mean())
+    return confusion_macro_f1(report["confusion"])
 
 
 # ---- clip features of the frozen networks ----

@@ -8,9 +8,11 @@ import pytest
 
 from beetsplug.crnn.training.metrics import (
     classification_report,
+    confusion_macro_f1,
     format_report,
     precision_at_k,
     roc_auc,
+    top_genre_macro_f1,
 )
 
 # Tiny case: 4 clips, 2 genres.
@@ -133,6 +135,24 @@ def test_matches_sklearn_on_random_data():
     assert r["macro"]["roc_auc"] == pytest.approx(sk.roc_auc_score(Y, probs, average="macro"))
     assert r["accuracy"] == pytest.approx(sk.accuracy_score(y, probs.argmax(1)))
     assert r["confusion"] == sk.confusion_matrix(y, probs.argmax(1), labels=range(g)).tolist()
+
+
+def test_top_genre_macro_f1_by_hand_and_from_confusion():
+    # argmax decisions of the tiny case: rock, jazz, jazz, jazz.
+    # rock: tp 1, fp 0, fn 1 -> 2/3; jazz: tp 2, fp 1, fn 0 -> 4/5.
+    truth, pred = ["rock", "rock", "jazz", "jazz"], ["rock", "jazz", "jazz", "jazz"]
+    assert top_genre_macro_f1(truth, pred, LABELS) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    report = classification_report(Y_TINY, P_TINY, LABELS)
+    assert confusion_macro_f1(report["confusion"]) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    sk = pytest.importorskip("sklearn.metrics")
+    assert top_genre_macro_f1(truth, pred, LABELS) == pytest.approx(
+        sk.f1_score(truth, pred, labels=LABELS, average="macro"))
+
+
+def test_top_genre_macro_f1_true_genre_outside_labels_still_costs():
+    # "blues" cannot be named: no genre's miss, but choosing rock for it is rock's false positive.
+    assert top_genre_macro_f1(["rock", "blues"], ["rock", "rock"], ["rock"]) == pytest.approx(2 / 3)
+    assert math.isnan(top_genre_macro_f1([], [], []))
 
 
 # --- precision@k -------------------------------------------------------------
