@@ -51,14 +51,14 @@ def write_released(net, path: Path) -> Path:
     return path
 
 
-def random_msd(seed=0, n_genres=3):
+def random_msd(seed=0, n_genres=3, genre_input="state"):
     """The MSD CRNN with random weights (batch-norm statistics too, so the norms are exercised)."""
     import keras
 
     from beetsplug.crnn import msd
 
     keras.utils.set_random_seed(seed)
-    net = msd.build(n_genres)
+    net = msd.build(n_genres, genre_input=genre_input)
     rng = np.random.default_rng(seed)
     for layer in net.layers:
         if layer.name.startswith("bn"):
@@ -130,16 +130,17 @@ def test_port_refuses_another_file(tmp_path):
         msd.read_released(tmp_path / "missing.h5")
 
 
-def test_onnx_export_of_the_family_agrees_with_keras(tmp_path):
+@pytest.mark.parametrize("genre_input", ["state", "state+conv_mean"])
+def test_onnx_export_of_the_family_agrees_with_keras(tmp_path, genre_input):
     """Random weights (not the port): the export must follow every layer, not one set of numbers."""
     from beetsplug.crnn import msd
     from beetsplug.crnn.features import MSD
     from beetsplug.crnn.model import Embedder, ModelCard, OnnxEmbedder
     from beetsplug.crnn.training.card import save_model
 
-    net = random_msd(seed=5)
-    card = save_model(net, tmp_path, ["a", "b", "c"], msd.ARCHITECTURE, {"training": {}}, name="t", tags=msd.TAGS,
-                      features=MSD.params)
+    net = random_msd(seed=5, genre_input=genre_input)
+    card = save_model(net, tmp_path, ["a", "b", "c"], dict(msd.ARCHITECTURE, genre_input=genre_input),
+                      {"training": {}}, name="t", tags=msd.TAGS, features=MSD.params)
     assert card.onnx is not None and card.onnx["checked"]["max_abs_diff"] <= 1e-4
     card = ModelCard.load(tmp_path)
     assert card.family == "msd-crnn" and card.front is MSD
@@ -281,7 +282,9 @@ def test_a_model_of_the_family_is_a_start(tiny_sets, released, tmp_path):
     start = finetune.Start(tmp_path / "model")
     assert start.card is not None and start.sha256 == start.card.sha256
     net = start.network(["x", "y"])
-    assert net.get_layer("genres").get_weights()[0].shape == (32, 2)
+    assert start.genre_input == run.config["genre_input"] == "state+conv_mean"  # from the released file: the default
+    assert net.get_layer("genres").get_weights()[0].shape == (32 + 128, 2)
+    assert start.network(["x", "y"], genre_input="state").get_layer("genres").get_weights()[0].shape == (32, 2)
     np.testing.assert_array_equal(net.get_layer("gru2").get_weights()[0], run.top.get_layer("gru2").get_weights()[0])
     same = start.network(["calm", "loud", "mixed"])  # the same genres: the head is kept too
     np.testing.assert_array_equal(same.get_layer("genres").get_weights()[0], run.top.get_layer("genres").get_weights()[0])
@@ -351,11 +354,65 @@ def test_frozen_network_with_a_probe_head(tiny_sets, released, tmp_path):
     np.testing.assert_allclose(tags, teacher_tags, atol=1e-4)
     unit = state / np.linalg.norm(state, axis=1, keepdims=True)
     np.testing.assert_allclose(emb, unit, atol=1e-4)
-    # the folded head equals the probe on the standardised state
+    # the folded head equals the probe on the standardised state beside the conv sequence's time mean
     from beetsplug.crnn.training.probe import fit_probe
 
+    assert card.architecture["genre_input"] == "state+conv_mean"
+    X_train, X_val = finetune.head_features(run, run.train), finetune.head_features(run, run.val)
+    assert X_train.shape == (len(run.train), 32 + 128)
+    np.testing.assert_array_equal(X_train[:, :32], run.train.emb)
     y_train = [run.genres.index(run.fit_records[c].genre) for c in run.train.clip]
     y_val = [run.genres.index(run.val_records[c].genre) for c in run.val.clip]
-    probe, _ = fit_probe(run.genres, run.train.emb, y_train, run.val.emb, y_val)
+    probe, _ = fit_probe(run.genres, X_train, y_train, X_val, y_val, mask_train=run.train.mask, mask_val=run.val.mask)
     _, head = run.predict(run.val)
-    np.testing.assert_allclose(head, probe.predict_proba(run.val.emb), atol=1e-3)  # the stem is cached in float16
+    np.testing.assert_allclose(head, probe.predict_proba(X_val), atol=1e-3)  # the stem is cached in float16
+    # each clip's softmax ran over its own set's genres: set "one" labels calm and loud, never mixed
+    assert run.label_sets["one"] == ["calm", "loud"] and run.train.mask[:, run.genres.index("mixed")].min() == 0
+
+
+def test_state_only_genre_head_is_still_a_choice(tiny_sets, released, tmp_path):
+    """--genre-input state: the head reads the 32-d state alone (the first shipped MSD model's head)."""
+    from beetsplug.crnn.training import dataset, finetune
+    from beetsplug.crnn.model import ModelCard
+
+    records = dataset.read_sources(tiny_sets)
+    cache = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
+    run = finetune.Run(records, cache, tmp_path / "probe", versions=(), unfreeze="none", log=lambda m: None,
+                       genre_input="state")
+    run.save(finetune.fit_probe_head(run), "crnn-msd-probe", "test")
+    card = ModelCard.load(tmp_path / "probe")
+    assert card.architecture["genre_input"] == "state" and card.onnx["checked"]["max_abs_diff"] <= 1e-4
+    from beetsplug.crnn.model import build_for
+
+    assert build_for(card).get_layer("genres").get_weights()[0].shape == (32, len(run.genres))
+
+
+def test_musicnn_as_a_second_teacher_of_the_state(tiny_sets, released, tmp_path):
+    """--musicnn-weight: the state learns musicnn's clean-clip embedding through a linear map that trains
+    with the top and is not served; targets come from the teacher cache (here written by the test)."""
+    from beetsplug.crnn.training import dataset, finetune, teacher
+    from beetsplug.crnn.model import ModelCard, build_for
+
+    records = dataset.read_sources(tiny_sets)
+    cache = teacher.TeacherCache(tmp_path / "teacher")
+    rng = np.random.default_rng(0)
+    fit = [r for r in records if r.split == "train"]
+    for r in fit:  # every clip cached: the teacher itself (musicnn) is not needed
+        cache.put(r.path, rng.random((3, 50)), rng.normal(0, 1, (3, teacher.EMB_DIMS)), 1.5, 4.0)
+    stem = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
+    run = finetune.Run(records, stem, tmp_path / "run", versions=(), unfreeze="gru", batch_size=4, log=lambda m: None,
+                       musicnn_weight=1.0, teacher_dir=tmp_path / "teacher")
+    targets, mask = run.musicnn
+    assert targets.shape == (len(run.train), teacher.EMB_DIMS)
+    assert mask.min() == 1
+    # every window of a clip learns its clean clip's mean embedding, standardised over the train clips
+    means = np.array([cache.get(r.path)["emb"].mean(0) for r in fit])
+    np.testing.assert_allclose(targets[run.train.clip == 2][0], (means[2] - means.mean(0)) / means.std(0), atol=1e-2)
+    run._build()
+    before = run.top.get_layer("musicnn").get_weights()[0].copy()
+    result = run.fit(1)
+    assert not np.allclose(run.top.get_layer("musicnn").get_weights()[0], before)
+    run.save(result, "crnn-msd-test", "test")
+    card = ModelCard.load(tmp_path / "run")
+    assert card.extra["training"]["config"]["musicnn_weight"] == 1.0 and "musicnn" in card.extra["training"]["teacher"]
+    assert "musicnn" not in {layer.name for layer in build_for(card).layers}

@@ -284,7 +284,8 @@ def build_for(card: ModelCard):
         import_tensorflow()
         return msd.build(len(card.genres), len(card.tags), dropout=arch.get("dropout", 0.1),
                          gru_dropout=arch.get("gru_dropout", 0.3), projection=bool(arch.get("projection")),
-                         genre_activation=arch.get("genre_activation", "sigmoid"))
+                         genre_activation=arch.get("genre_activation", "sigmoid"),
+                         genre_input=arch.get("genre_input", "state"))
     return build(len(card.genres), arch["conv_filters"], arch["gru_units"], arch.get("dropout", 0.1),
                  n_tags=len(card.tags), projection=bool(arch.get("projection")))
 

@@ -60,6 +60,7 @@ LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
 OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
 SOFTWARE.
 """
+GENRE_INPUTS = ("state", "state+conv_mean")
 ARCHITECTURE = {"family": FAMILY, "conv_filters": list(CONV_FILTERS), "gru_units": GRU_UNITS, "dropout": 0.1,
                 "gru_dropout": 0.3}
 
@@ -81,9 +82,15 @@ def keras1_hard_sigmoid(x):
 
 
 def build(n_genres: int, n_tags: int = len(TAGS), frames: int = 1366, dropout: float = 0.1, gru_dropout: float = 0.3,
-          projection: bool = False, genre_activation: str = "sigmoid"):
+          projection: bool = False, genre_activation: str = "sigmoid", genre_input: str = "state"):
     """The MSD CRNN with a genre head beside its tag head: input (b, 96, 1366, 1) standardised log-mel;
-    outputs (embedding = gru2's 32-d state, genre probabilities[, tag probabilities])."""
+    outputs (embedding = gru2's 32-d state, genre probabilities[, tag probabilities]).
+
+    ``genre_input`` (``GENRE_INPUTS``): what the genre head reads: the state, or the state beside the
+    conv stack's output averaged over time (128-d, ``conv_mean``), which keeps timbre the GRUs summarise away.
+    The tag head always reads the state, as released."""
+    if genre_input not in GENRE_INPUTS:
+        raise ModelError(f"unknown genre_input {genre_input!r} (one of {', '.join(GENRE_INPUTS)})")
     import keras
     from keras import layers
 
@@ -97,18 +104,29 @@ def build(n_genres: int, n_tags: int = len(TAGS), frames: int = 1366, dropout: f
         x = layers.MaxPooling2D(pool, name=f"pool{i}")(x)
         x = layers.Dropout(dropout, name=f"drop{i}")(x)
     steps, width = x.shape[2], x.shape[3]
-    x = layers.Reshape((steps, width), name="to_sequence")(x)
+    seq = layers.Reshape((steps, width), name="to_sequence")(x)
     gru = dict(activation="tanh", recurrent_activation=keras1_hard_sigmoid, reset_after=False)
-    x = layers.GRU(GRU_UNITS, return_sequences=True, name="gru1", **gru)(x)
+    x = layers.GRU(GRU_UNITS, return_sequences=True, name="gru1", **gru)(seq)
     emb = layers.GRU(GRU_UNITS, name="gru2", **gru)(x)
     if projection:
         emb = layers.Dense(GRU_UNITS, use_bias=False, name="projection")(emb)
     top = layers.Dropout(gru_dropout, name="drop_gru")(emb)
+    genre_in = genre_head_input(top, seq, genre_input)
     # sigmoid (trained heads: genres of several sources) or softmax (a probe fitted on the frozen state)
-    outputs = [emb, layers.Dense(n_genres, activation=genre_activation, name="genres")(top)]
+    outputs = [emb, layers.Dense(n_genres, activation=genre_activation, name="genres")(genre_in)]
     if n_tags:
         outputs.append(layers.Dense(n_tags, activation="sigmoid", name="tags")(top))
     return keras.Model(inp, outputs, name="msd_crnn")
+
+
+def genre_head_input(state, sequence, genre_input: str):
+    """The genre head's input (see ``build``); shared with fine-tuning's top so both name layers alike."""
+    from keras import layers
+
+    if genre_input == "state":
+        return state
+    conv_mean = layers.GlobalAveragePooling1D(name="conv_mean")(sequence)
+    return layers.Concatenate(name="genre_input")([state, conv_mean])
 
 
 def read_released(path=None) -> dict:
@@ -152,11 +170,11 @@ def port(net, path=None) -> None:
             layers[name].set_weights(values)
 
 
-def build_pretrained(genres, path=None, tags: bool = True, genre_activation: str = "sigmoid"):
+def build_pretrained(genres, path=None, tags: bool = True, genre_activation: str = "sigmoid", genre_input: str = "state"):
     """The released network with a fresh genre head for ``genres`` (its tag head kept when ``tags``)."""
     from .model import import_tensorflow
 
     import_tensorflow()
-    net = build(len(genres), len(TAGS) if tags else 0, genre_activation=genre_activation)
+    net = build(len(genres), len(TAGS) if tags else 0, genre_activation=genre_activation, genre_input=genre_input)
     port(net, path)
     return net

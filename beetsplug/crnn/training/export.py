@@ -146,11 +146,16 @@ def to_onnx(net):
     else:
         nodes.append(helper.make_node("Squeeze", ["gru2_yh", "ax0"], ["embedding"]))
     outputs = [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", units])]
+    head_input = {"genres": "embedding", "tags": "embedding"}
+    if "genre_input" in layer:  # the MSD genre head reading the state beside the conv sequence's time mean
+        nodes.append(helper.make_node("ReduceMean", ["seq"], ["conv_mean"], axes=[0], keepdims=0))
+        nodes.append(helper.make_node("Concat", ["embedding", "conv_mean"], ["genre_input"], axis=1))
+        head_input["genres"] = "genre_input"
     for head in ("genres", "tags"):
         if head not in layer:
             continue
         kernel, bias = (np.asarray(v, np.float32) for v in layer[head].get_weights())
-        nodes.append(helper.make_node("Gemm", ["embedding", const(f"{head}_w", kernel), const(f"{head}_b", bias)],
+        nodes.append(helper.make_node("Gemm", [head_input[head], const(f"{head}_w", kernel), const(f"{head}_b", bias)],
                                       [f"{head}_logit"]))
         activation = layer[head].activation.__name__
         if activation not in ("sigmoid", "softmax"):

@@ -7,7 +7,10 @@ top (``conv4`` .. the heads) on the cache: seconds, not hours, on two cores.
 
 Loss: genre cross-entropy masked per source (a clip counts only for the genres its own set labels),
 plus cross-entropy of the tag head towards the frozen original's tags on every window and version
-(so the 50 MSD tags stay what they were), plus optionally 1 - cos to the original 32-d state.
+(so the 50 MSD tags stay what they were), plus optionally 1 - cos to the original 32-d state, plus
+optionally (``--musicnn-weight``) the squared error of a linear map of the 32-d state to musicnn's
+200-d embedding of the clean clip (a second MSD teacher, its outputs cached by ``teacher``; the map
+trains with the top and is not served).
 
 Every epoch writes a checkpoint (top weights, optimizer state, epoch, random state, best so far)
 under ``OUT/checkpoint``; ``--resume OUT`` continues a stopped run where it ended.
@@ -81,18 +84,29 @@ class Start:
             return {"model": self.card.model_id, "sha256": self.card.sha256}
         return {"weights": msd.WEIGHTS_FILE, "sha256": self.sha256}
 
-    def network(self, genres, genre_activation="sigmoid"):
-        """The start's network with a genre head for ``genres`` (kept from the start when its genres are these)."""
+    @property
+    def genre_input(self) -> str:
+        """What a run from here feeds its genre head by default: the start card's choice, else the state
+        beside the conv mean (it generalised best across sets: docs/experiments/2026-12-06-genre-head.rst)."""
+        if self.card is not None:
+            return self.card.architecture.get("genre_input", "state")
+        return "state+conv_mean"
+
+    def network(self, genres, genre_activation="sigmoid", genre_input=None):
+        """The start's network with a genre head for ``genres`` (kept from the start when its genres and
+        the head's input are these)."""
         from ..model import build_for, import_tensorflow
 
         import_tensorflow()
+        genre_input = genre_input or self.genre_input
         if self.card is None:
-            return msd.build_pretrained(genres, self.path, genre_activation=genre_activation)
+            return msd.build_pretrained(genres, self.path, genre_activation=genre_activation, genre_input=genre_input)
         source = build_for(self.card)
         source.load_weights(str(self.card.weights))
         net = msd.build(len(genres), len(msd.TAGS), projection=bool(self.card.architecture.get("projection")),
-                        genre_activation=genre_activation)
-        keep = {layer.name for layer in net.layers} - (set() if list(genres) == self.card.genres else {"genres"})
+                        genre_activation=genre_activation, genre_input=genre_input)
+        same_head = list(genres) == self.card.genres and genre_input == self.genre_input
+        keep = {layer.name for layer in net.layers} - (set() if same_head else {"genres"})
         copy_weights(source, net, keep)
         return net
 
@@ -253,8 +267,10 @@ def check_no_test(records) -> None:
 # ---- the top: what trains ----
 
 
-def build_top(n_genres: int, n_tags: int, dropout=0.1, gru_dropout=0.3, genre_activation="sigmoid"):
-    """conv4 .. heads, reading the cached stem output; layer names as in ``msd.build``."""
+def build_top(n_genres: int, n_tags: int, dropout=0.1, gru_dropout=0.3, genre_activation="sigmoid", musicnn_dims=0,
+              genre_input="state"):
+    """conv4 .. heads, reading the cached stem output; layer names as in ``msd.build``. With
+    ``musicnn_dims``, a fourth output: a linear map of the state towards musicnn's embedding (training only)."""
     import keras
     from keras import layers
 
@@ -264,14 +280,17 @@ def build_top(n_genres: int, n_tags: int, dropout=0.1, gru_dropout=0.3, genre_ac
     x = layers.ELU(name="elu4")(x)
     x = layers.MaxPooling2D((4, 4), name="pool4")(x)
     x = layers.Dropout(dropout, name="drop4")(x)
-    x = layers.Reshape((15, 128), name="to_sequence")(x)
+    seq = layers.Reshape((15, 128), name="to_sequence")(x)
     gru = dict(activation="tanh", recurrent_activation=msd.keras1_hard_sigmoid, reset_after=False)
-    x = layers.GRU(msd.GRU_UNITS, return_sequences=True, name="gru1", **gru)(x)
+    x = layers.GRU(msd.GRU_UNITS, return_sequences=True, name="gru1", **gru)(seq)
     emb = layers.GRU(msd.GRU_UNITS, name="gru2", **gru)(x)
     top = layers.Dropout(gru_dropout, name="drop_gru")(emb)
-    genres = layers.Dense(n_genres, activation=genre_activation, name="genres")(top)
+    genres = layers.Dense(n_genres, activation=genre_activation, name="genres")(msd.genre_head_input(top, seq, genre_input))
     tags = layers.Dense(n_tags, activation="sigmoid", name="tags")(top)
-    return keras.Model(inp, [emb, genres, tags], name="msd_top")
+    outputs = [emb, genres, tags]
+    if musicnn_dims:
+        outputs.append(layers.Dense(musicnn_dims, name="musicnn")(emb))
+    return keras.Model(inp, outputs, name="msd_top")
 
 
 def copy_weights(src, dst, names=TOP_LAYERS) -> None:
@@ -287,8 +306,8 @@ def set_trainable(top, unfreeze: str) -> None:
     gradient; ``fit_probe_head`` fits the genre head.)"""
     if unfreeze not in UNFREEZE or unfreeze == "none":
         raise CrnnError(f"--unfreeze must be one of {', '.join(UNFREEZE[1:])} for a gradient run")
-    trainable = {"head": {"genres"}, "gru": {"gru1", "gru2", "genres", "tags"},
-                 "conv4": {"conv4", "gru1", "gru2", "genres", "tags"}}[unfreeze]
+    trainable = {"head": {"genres"}, "gru": {"gru1", "gru2", "genres", "tags", "musicnn"},
+                 "conv4": {"conv4", "gru1", "gru2", "genres", "tags", "musicnn"}}[unfreeze]
     for layer in top.layers:
         layer.trainable = layer.name in trainable
 
@@ -309,7 +328,7 @@ def score_val(records, rows: Rows, emb, probs, genres, label_sets, k=5) -> dict:
     (other artists); ``score`` is the mean of every source's accuracy and of the p@5 of sources whose val
     clips have at least 3 artists in each genre (GTZAN's val is one or two stand-in artists a genre, so
     its p@5 counts mostly other genres whatever the model does)."""
-    from .metrics import precision_at_k
+    from .metrics import precision_at_k, top_genre_macro_f1
 
     clips, e, p = pool_clips(rows, emb, probs)
     out, scores = {}, []
@@ -321,15 +340,9 @@ def score_val(records, rows: Rows, emb, probs, genres, label_sets, k=5) -> dict:
         truth = [records[clips[j]].genre for j in idx]
         pred = [genres[cols[int(np.argmax(p[j, cols]))]] for j in idx]
         acc = float(np.mean([a == b for a, b in zip(truth, pred)]))
-        f1s = []
-        for g in label_sets[source]:
-            tp = sum(a == g and b == g for a, b in zip(truth, pred))
-            fp = sum(a != g and b == g for a, b in zip(truth, pred))
-            fn = sum(a == g and b != g for a, b in zip(truth, pred))
-            f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
         artists = [records[clips[j]].artist or str(records[clips[j]].path) for j in idx]
         p5 = precision_at_k(e[idx], p[idx], truth, artists, k=k, mode="cosine")
-        out[source] = {"accuracy": acc, "macro_f1": float(np.mean(f1s)), "p_at_5": float(p5), "clips": len(idx)}
+        out[source] = {"accuracy": acc, "macro_f1": top_genre_macro_f1(truth, pred, label_sets[source]), "p_at_5": float(p5), "clips": len(idx)}
         scores.append(acc)
         per_genre = {g: {a for a, t in zip(artists, truth) if t == g} for g in set(truth)}
         if min(len(a) for a in per_genre.values()) >= 3:
@@ -346,11 +359,12 @@ class Run:
 
     def __init__(self, records, cache: FeatureCache, out_dir, versions=DEFAULT_VERSIONS, version_dir=None,
                  unfreeze="gru", lr=1e-3, tag_weight=1.0, emb_weight=0.0, batch_size=32, seed=0, workers=2,
-                 log=log_stderr, warn=None):
+                 log=log_stderr, warn=None, musicnn_weight=0.0, teacher_dir=None, genre_input=None):
         self.log = log
         self.out = Path(out_dir)
         self.genre_activation = "softmax" if unfreeze == "none" else "sigmoid"
         self.config = {"unfreeze": unfreeze, "lr": lr, "tag_weight": tag_weight, "emb_weight": emb_weight,
+                       "musicnn_weight": musicnn_weight, "genre_input": genre_input or cache.start.genre_input,
                        "batch_size": batch_size, "seed": seed, "versions": list(versions),
                        "train_windows": TRAIN_WINDOWS, "val_windows": audio.DEFAULT_WINDOWS}
         self.fit_records = [r for r in records if r.split == "train"]
@@ -370,8 +384,27 @@ class Run:
         self.val = make_rows(self.val_records, [[entries[(r.path, audio.DEFAULT_WINDOWS)]] if (r.path, audio.DEFAULT_WINDOWS)
                                                 in entries else [] for r in self.val_records], self.genres, self.label_sets)
         self.records_seen = list(self.fit_records)  # what reached training: asserted by the tests
+        self.musicnn = self._musicnn_targets(teacher_dir) if musicnn_weight else None
         log(f"{len(self.train)} training windows from {len(self.fit_records)} clips x {1 + len(versions)} versions; "
             f"{len(self.val)} val windows; genres: {', '.join(self.genres)}")
+
+    def _musicnn_targets(self, teacher_dir):
+        """Per training row: musicnn's embedding of the clean clip (mean over its 3 s windows, standardised
+        over the train clips), and a mask (0 where the teacher could not read the clip). Every window and
+        codec version of a clip learns the clean clip's target."""
+        from . import teacher
+
+        cache = teacher.TeacherCache(teacher_dir or DEFAULT_CACHE.parent / "teacher")
+        teacher.compute([r.path for r in self.fit_records], cache, log=self.log)
+        have = [cache.has(r.path) for r in self.fit_records]
+        means = np.array([cache.get(r.path)["emb"].mean(0) if ok else np.zeros(teacher.EMB_DIMS)
+                          for r, ok in zip(self.fit_records, have)], np.float32)
+        ok = np.array(have, bool)
+        if not ok.any():
+            raise CrnnError("no training clip has musicnn targets: --musicnn-weight needs the teacher")
+        mu, sd = means[ok].mean(0), np.maximum(means[ok].std(0), 1e-6)
+        target = ((means - mu) / sd).astype(np.float32)
+        return target[self.train.clip], ok[self.train.clip].astype(np.float32)
 
     def _version_paths(self, versions, version_dir, workers):
         from . import augment
@@ -401,11 +434,14 @@ class Run:
         import keras
 
         from ..model import import_tensorflow
+        from . import teacher
 
         import_tensorflow()
         keras.utils.set_random_seed(self.config["seed"])
-        full = self.cache.start.network(self.genres, self.genre_activation)
-        self.top = build_top(len(self.genres), len(msd.TAGS), genre_activation=self.genre_activation)
+        full = self.cache.start.network(self.genres, self.genre_activation, self.config["genre_input"])
+        self.top = build_top(len(self.genres), len(msd.TAGS), genre_activation=self.genre_activation,
+                             musicnn_dims=teacher.EMB_DIMS if self.musicnn is not None else 0,
+                             genre_input=self.config["genre_input"])
         copy_weights(full, self.top)
         if self.config["unfreeze"] != "none":
             set_trainable(self.top, self.config["unfreeze"])
@@ -416,13 +452,13 @@ class Run:
         import tensorflow as tf
 
         top, opt, cfg = self.top, self.optimizer, self.config
-        tw, ew = float(cfg["tag_weight"]), float(cfg["emb_weight"])
+        tw, ew, mw = float(cfg["tag_weight"]), float(cfg["emb_weight"]), float(cfg.get("musicnn_weight", 0.0))
         train_tags = cfg["unfreeze"] != "head"
 
         @tf.function(reduce_retracing=True)
-        def step(x, y, mask, tags, emb0):
+        def step(x, y, mask, tags, emb0, mt, mt_mask):
             with tf.GradientTape() as tape:
-                emb, probs, tag_probs = top(x, training=True)
+                emb, probs, tag_probs, *mt_pred = top(x, training=True)
                 eps = 1e-7
                 p = tf.clip_by_value(probs, eps, 1 - eps)
                 bce = -(y * tf.math.log(p) + (1 - y) * tf.math.log(1 - p))
@@ -433,6 +469,9 @@ class Run:
                 if ew:
                     cos = tf.reduce_sum(tf.math.l2_normalize(emb, -1) * tf.math.l2_normalize(emb0, -1), -1)
                     loss += ew * tf.reduce_mean(1 - cos)
+                if mw:
+                    err = tf.reduce_mean(tf.square(mt_pred[0] - mt), -1)
+                    loss += mw * tf.reduce_sum(err * mt_mask) / tf.maximum(tf.reduce_sum(mt_mask), 1.0)
             grads = tape.gradient(loss, top.trainable_variables)
             opt.apply_gradients(zip(grads, top.trainable_variables))
             return loss
@@ -514,7 +553,10 @@ class Run:
             for i in range(0, len(order), bs):  # the last batch may be smaller
                 b = np.sort(order[i : i + bs])
                 tr = self.train
-                losses.append(float(step(tr.x[b].astype(np.float32), tr.y[b], tr.mask[b], tr.tags[b], tr.emb[b])))
+                mt, mt_mask = (self.musicnn[0][b], self.musicnn[1][b]) if self.musicnn is not None else \
+                    (np.zeros((len(b), 1), np.float32), np.zeros(len(b), np.float32))
+                losses.append(float(step(tr.x[b].astype(np.float32), tr.y[b], tr.mask[b], tr.tags[b], tr.emb[b],
+                                         mt, mt_mask)))
             epoch += 1
             emb, probs = self.predict(self.val)
             val = score_val(self.val_records, self.val, emb, probs, self.genres, self.label_sets)
@@ -541,7 +583,7 @@ class Run:
         """The full model (the start's stem + the best top) with its card and ONNX export."""
         from .card import save_model
 
-        full = self.cache.start.network(self.genres, self.genre_activation)
+        full = self.cache.start.network(self.genres, self.genre_activation, self.config["genre_input"])
         self.top.load_weights(str(self._best_path()))
         copy_weights(self.top, full)
         extra = {"training": {
@@ -553,42 +595,59 @@ class Run:
             "config": self.config, "epochs_run": result["epoch"], "best_epoch": result["best"]["epoch"],
             "val": result["best"]["val"], "history": [{k: v for k, v in h.items() if k != "val"} | {"score": h["val"]["score"]}
                                                        for h in result["history"]],
-            "teacher": "the frozen released network's 50 tags on every window and version (tag head)",
+            "teacher": "the frozen released network's 50 tags on every window and version (tag head)"
+                       + ("; musicnn's 200-d embedding of the clean clip from the state (--musicnn-weight)"
+                          if self.musicnn is not None else ""),
             "command": command, **(extra or {})}}
         extra["license"] = f"{msd.CREDIT} The licence notice is in {msd.LICENSE_FILE} beside the weights."
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / msd.LICENSE_FILE).write_text(msd.LICENSE, "utf-8")
         if "probe" in result:
             extra["training"]["genre_head"] = result["probe"]
-        arch = dict(msd.ARCHITECTURE, genre_activation=self.genre_activation)
+        arch = dict(msd.ARCHITECTURE, genre_activation=self.genre_activation, genre_input=self.config["genre_input"])
         return save_model(full, self.out, self.genres, arch, extra, name=name, tags=msd.TAGS,
                           features=MSD.params, log=self.log)
+
+
+def head_features(run: Run, rows: Rows, batch: int = 256) -> np.ndarray:
+    """What the genre head reads for each row, from the start's layers: the 32-d state (cached), beside
+    the conv sequence's time mean when the run's ``genre_input`` asks for it."""
+    if run.config["genre_input"] == "state":
+        return rows.emb
+    import keras
+
+    conv = keras.Model(run.top.input, run.top.get_layer("conv_mean").output)
+    means = [np.asarray(conv(rows.x[i : i + batch].astype(np.float32), training=False)) for i in range(0, len(rows), batch)]
+    return np.concatenate([rows.emb, np.concatenate(means) if means else np.zeros((0, 128), np.float32)], axis=1)
 
 
 def fit_probe_head(run: Run) -> dict:
     """The frozen network with a softmax probe as its genre head (``--unfreeze none``).
 
     The probe (``probe.fit_probe``: L2 chosen on val windows' log-loss, refitted on train + val) reads
-    each window's 32-d state as the start computes it, on every train window and codec version and
-    every val window; one genre per clip. Its standardisation folds into the head's weights, so the
-    served network is the start's layers plus one softmax layer; a track's genres are the mean of its
-    windows' softmax outputs, as for any head.
+    each window's ``head_features`` as the start computes them, on every train window and codec version
+    and every val window; one genre per clip, each clip's softmax over its own set's genres (the per-source
+    label mask). Its standardisation folds into the head's weights, so the served network is the start's
+    layers plus one softmax layer over all genres; a track's genres are the mean of its windows' outputs.
     """
     from .probe import fit_probe
 
     labels = run.genres
+    run._build()
+    X_train, X_val = head_features(run, run.train), head_features(run, run.val)
     y_train = np.array([labels.index(run.fit_records[c].genre) for c in run.train.clip])
     y_val = np.array([labels.index(run.val_records[c].genre) for c in run.val.clip], dtype=np.int64)
-    probe, info = fit_probe(labels, run.train.emb, y_train, run.val.emb, y_val)
+    probe, info = fit_probe(labels, X_train, y_train, X_val, y_val, mask_train=run.train.mask, mask_val=run.val.mask)
     W = probe.W / probe.scale[:, None]
     b = probe.b - (probe.mean / probe.scale) @ probe.W
-    run._build()
     run.top.get_layer("genres").set_weights([W.astype(np.float32), b.astype(np.float32)])
     emb, probs = run.predict(run.val)
     val = score_val(run.val_records, run.val, emb, probs, run.genres, run.label_sets)
     run.top.save_weights(str(run._best_path()))
-    info = {"probe": "softmax regression on the standardised 32-d state, per window", "l2": info["l2"],
-            "fit": info.get("method"), "windows": {"train": int(len(y_train)), "val": int(len(y_val))},
+    reads = {"state": "the standardised 32-d state", "state+conv_mean": "the standardised 32-d state beside the "
+             "conv sequence's 128-d time mean"}[run.config["genre_input"]]
+    info = {"probe": f"softmax regression on {reads}, per window; each clip's softmax over its own set's genres",
+            "l2": info["l2"], "fit": info.get("method"), "windows": {"train": int(len(y_train)), "val": int(len(y_val))},
             "val_log_loss": info.get("val_log_loss")}
     run.log(f"probe head (L2 {info['l2']:g}, fitted on train + val windows): val {_brief(val)} (val took part in "
             "the refit: this is not a held-out score)")
@@ -620,6 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tag-weight", type=float, default=1.0)
     p.add_argument("--emb-weight", type=float, default=0.0)
+    p.add_argument("--musicnn-weight", type=float, default=0.0, help="weight of musicnn's embedding as a second "
+                   "teacher of the state (needs the [teacher] extra; its targets are cached)")
+    p.add_argument("--teacher-cache", default=None, help="musicnn target cache folder")
+    p.add_argument("--genre-input", choices=msd.GENRE_INPUTS, default=None, help="what the genre head reads "
+                   "(default: the start model's choice; from the released file, state+conv_mean)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="crnn-msd")
@@ -633,20 +697,26 @@ def main(argv=None) -> int:
         records = dataset.read_sources(args.data)
         versions = tuple(v for v in args.versions.split(",") if v)
         out = Path(args.out)
+        genre_input = args.genre_input
         if args.resume:
             state = out / "checkpoint" / "state.json"
             if not state.is_file():
                 raise CrnnError(f"nothing to resume in {out} (no checkpoint/state.json)")
             config = json.loads(state.read_text("utf-8"))["config"]
             mine = {"unfreeze": args.unfreeze, "lr": args.lr, "tag_weight": args.tag_weight,
-                    "emb_weight": args.emb_weight, "batch_size": args.batch_size, "seed": args.seed,
+                    "emb_weight": args.emb_weight, "musicnn_weight": args.musicnn_weight,
+                    "genre_input": args.genre_input or config.get("genre_input", "state"),
+                    "batch_size": args.batch_size, "seed": args.seed,
                     "versions": list(versions)}
-            differ = [k for k, v in mine.items() if config.get(k) != v]
+            old = {"musicnn_weight": 0.0, "genre_input": "state"}  # runs from before these settings
+            differ = [k for k, v in mine.items() if config.get(k, old.get(k)) != v]
             if differ:
                 raise CrnnError(f"--resume with other settings than the run's ({', '.join(differ)})")
+            genre_input = mine["genre_input"]
         cache = FeatureCache(args.cache, weights=args.weights)
         run = Run(records, cache, out, versions, args.version_cache, args.unfreeze, args.lr, args.tag_weight,
-                  args.emb_weight, args.batch_size, args.seed, args.workers)
+                  args.emb_weight, args.batch_size, args.seed, args.workers, musicnn_weight=args.musicnn_weight,
+                  teacher_dir=args.teacher_cache, genre_input=genre_input)
         if args.unfreeze == "none":
             result = fit_probe_head(run)
         else:

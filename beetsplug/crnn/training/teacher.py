@@ -31,6 +31,7 @@ TEACHER_SR = 16000
 TEACHER_HOP = 256
 TEACHER_N_FFT = 512
 TEACHER_SECONDS = 3.0
+EMB_DIMS = 200  # musicnn's penultimate layer
 INSTALL_HINT = "pip install 'beets-crnn[train]' librosa && pip install --no-deps tf-keras musicnn"
 
 
