@@ -73,6 +73,25 @@ def test_projected_replaces_a_projection_and_keeps_every_output(tmp_path):
     np.testing.assert_allclose(e2, e0 @ P2, rtol=1e-4, atol=1e-4)
 
 
+def test_projected_msd_model_whose_genre_head_also_reads_the_conv_mean():
+    """The MSD family's genre head reads [state, conv_mean]: only the state's rows fold through P^-1."""
+    from beetsplug.crnn import msd
+    from test_msd import random_msd
+
+    base = random_msd(seed=2, n_genres=3, genre_input="state+conv_mean")
+    arch = dict(msd.ARCHITECTURE, genre_input="state+conv_mean", projection="wccn")
+    card = ModelCard("m", ["a", "b", "c"], None, "", arch, tags=list(msd.TAGS))
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((32, 32))
+    P = A @ A.T + 32 * np.eye(32)
+    new = wccn.projected(card, base, P, arch)
+    x = rng.standard_normal((1, 96, 1366, 1)).astype(np.float32)
+    (e0, p0, t0), (e1, p1, t1) = [[o.numpy() for o in m(x, training=False)] for m in (base, new)]
+    np.testing.assert_allclose(p1, p0, atol=1e-5)
+    np.testing.assert_allclose(t1, t0, atol=1e-5)
+    np.testing.assert_allclose(e1, e0 @ P, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_wccn_keeps_every_output_and_moves_only_the_embedding(tmp_path):
     a = _labelled_set(tmp_path / "setA", ["rock", "pop"], seconds=2.0)

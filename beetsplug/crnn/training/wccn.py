@@ -133,10 +133,13 @@ def projected(card: ModelCard, old, P: np.ndarray, architecture: dict):
             new.get_layer(layer.name).set_weights(layer.get_weights())
     new.get_layer("projection").set_weights([P.astype(np.float32)])
     fold = np.linalg.inv(np.asarray(P, np.float64)) @ before
+    k = len(fold)
     for head in ("genres", "tags"):
-        if head in names:
+        if head in names:  # a head reading more than the state (genre_input) has the state in its first k rows
             kernel, bias = new.get_layer(head).get_weights()
-            new.get_layer(head).set_weights([(fold @ kernel).astype(np.float32), bias])
+            kernel = np.asarray(kernel, np.float64)
+            kernel[:k] = fold @ kernel[:k]
+            new.get_layer(head).set_weights([kernel.astype(np.float32), bias])
     return new
 
 
