@@ -170,7 +170,8 @@ def port(net, path=None) -> None:
             layers[name].set_weights(values)
 
 
-def build_pretrained(genres, path=None, tags: bool = True, genre_activation: str = "sigmoid", genre_input: str = "state"):
+def build_pretrained(genres, path=None, tags: bool = True, genre_activation: str = "sigmoid",
+                     genre_input: str = "state"):
     """The released network with a fresh genre head for ``genres`` (its tag head kept when ``tags``)."""
     from .model import import_tensorflow
 

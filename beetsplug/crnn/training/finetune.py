@@ -285,7 +285,8 @@ def build_top(n_genres: int, n_tags: int, dropout=0.1, gru_dropout=0.3, genre_ac
     x = layers.GRU(msd.GRU_UNITS, return_sequences=True, name="gru1", **gru)(seq)
     emb = layers.GRU(msd.GRU_UNITS, name="gru2", **gru)(x)
     top = layers.Dropout(gru_dropout, name="drop_gru")(emb)
-    genres = layers.Dense(n_genres, activation=genre_activation, name="genres")(msd.genre_head_input(top, seq, genre_input))
+    genre_in = msd.genre_head_input(top, seq, genre_input)
+    genres = layers.Dense(n_genres, activation=genre_activation, name="genres")(genre_in)
     tags = layers.Dense(n_tags, activation="sigmoid", name="tags")(top)
     outputs = [emb, genres, tags]
     if musicnn_dims:
@@ -342,7 +343,8 @@ def score_val(records, rows: Rows, emb, probs, genres, label_sets, k=5) -> dict:
         acc = float(np.mean([a == b for a, b in zip(truth, pred)]))
         artists = [records[clips[j]].artist or str(records[clips[j]].path) for j in idx]
         p5 = precision_at_k(e[idx], p[idx], truth, artists, k=k, mode="cosine")
-        out[source] = {"accuracy": acc, "macro_f1": top_genre_macro_f1(truth, pred, label_sets[source]), "p_at_5": float(p5), "clips": len(idx)}
+        out[source] = {"accuracy": acc, "macro_f1": top_genre_macro_f1(truth, pred, label_sets[source]),
+                       "p_at_5": float(p5), "clips": len(idx)}
         scores.append(acc)
         per_genre = {g: {a for a, t in zip(artists, truth) if t == g} for g in set(truth)}
         if min(len(a) for a in per_genre.values()) >= 3:
@@ -617,7 +619,8 @@ def head_features(run: Run, rows: Rows, batch: int = 256) -> np.ndarray:
     import keras
 
     conv = keras.Model(run.top.input, run.top.get_layer("conv_mean").output)
-    means = [np.asarray(conv(rows.x[i : i + batch].astype(np.float32), training=False)) for i in range(0, len(rows), batch)]
+    means = [np.asarray(conv(rows.x[i : i + batch].astype(np.float32), training=False))
+             for i in range(0, len(rows), batch)]
     return np.concatenate([rows.emb, np.concatenate(means) if means else np.zeros((0, 128), np.float32)], axis=1)
 
 
@@ -647,7 +650,8 @@ def fit_probe_head(run: Run) -> dict:
     reads = {"state": "the standardised 32-d state", "state+conv_mean": "the standardised 32-d state beside the "
              "conv sequence's 128-d time mean"}[run.config["genre_input"]]
     info = {"probe": f"softmax regression on {reads}, per window; each clip's softmax over its own set's genres",
-            "l2": info["l2"], "fit": info.get("method"), "windows": {"train": int(len(y_train)), "val": int(len(y_val))},
+            "l2": info["l2"], "fit": info.get("method"),
+            "windows": {"train": int(len(y_train)), "val": int(len(y_val))},
             "val_log_loss": info.get("val_log_loss")}
     run.log(f"probe head (L2 {info['l2']:g}, fitted on train + val windows): val {_brief(val)} (val took part in "
             "the refit: this is not a held-out score)")

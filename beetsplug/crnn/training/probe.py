@@ -119,7 +119,8 @@ def one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def fit_probe(labels, X_train, y_train, X_val, y_val, grid=L2_GRID, mask_train=None, mask_val=None) -> tuple[Probe, dict]:
+def fit_probe(labels, X_train, y_train, X_val, y_val, grid=L2_GRID, mask_train=None,
+              mask_val=None) -> tuple[Probe, dict]:
     """L2 strength with the lowest validation log-loss (a fit on train), then a refit on train + val.
 
     Without validation clips the default strength is used. Masks (per row, see ``Probe``) are given for
