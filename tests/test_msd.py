@@ -299,7 +299,7 @@ def test_crnntrain_on_a_library_starts_from_a_model_of_the_family(tmp_path):
     held-out artists scored, the broken file one line, the result loadable and evaluated by crnneval."""
     from beetsplug.crnn import msd
     from beetsplug.crnn.features import MSD
-    from beetsplug.crnn.model import Embedder, ModelCard
+    from beetsplug.crnn.model import Embedder, ModelCard, build_for
     from beetsplug.crnn.training.card import save_model
     from conftest import BeetsEnv
     from test_libtrain import ALIASES, family_library, model_folders
@@ -310,7 +310,7 @@ def test_crnntrain_on_a_library_starts_from_a_model_of_the_family(tmp_path):
     env = BeetsEnv(tmp_path / "lib", start, extra_config=ALIASES)
     family_library(env, artists_per_genre=4, tracks_per_artist=2)
     proc = env.run("crnntrain", "--min-tracks", "5", "--val-fraction", "0.25", "--test-fraction", "0.25",
-                   "--init-from", start, "--epochs", "3", "--lr", "0.003", timeout=1800)
+                   "--init-from", start, "--unfreeze", "gru", "--epochs", "3", "--lr", "0.003", timeout=1800)
     out, err = proc.stdout, proc.stderr
     assert "fine-tuning crnn-msd-start-" in out and "best epoch" in out
     bad = [line for line in err.splitlines() if "broken.wav" in line]
@@ -327,6 +327,21 @@ def test_crnntrain_on_a_library_starts_from_a_model_of_the_family(tmp_path):
     proc = env.run("crnneval", "--model", folder, "--json", env.root / "eval.json")
     report = json.loads((env.root / "eval.json").read_text())
     assert report["models"][card.model_id]["accuracy"] == pytest.approx(test["accuracy"])
+    # the default, --unfreeze none: the start's network and embedding kept, a genre head fitted on them (the
+    # stem cache reused)
+    proc = env.run("crnntrain", "--min-tracks", "5", "--val-fraction", "0.25", "--test-fraction", "0.25",
+                   "--init-from", start, "--out", env.root / "frozen", timeout=1800)
+    assert "fitting a genre head for these 3 genres" in proc.stdout and "probe head" in proc.stdout + proc.stderr
+    frozen = ModelCard.load(env.root / "frozen")
+    assert frozen.architecture["genre_activation"] == "softmax" and frozen.genres == card.genres
+    assert frozen.extra["training"]["config"]["unfreeze"] == "none" and "probe" in frozen.extra["training"]["genre_head"]
+    kept, source = build_for(frozen), build_for(ModelCard.load(start))
+    kept.load_weights(str(frozen.weights))
+    source.load_weights(str(ModelCard.load(start).weights))
+    for name in ("conv1", "gru1", "gru2", "tags"):
+        for a, b in zip(kept.get_layer(name).get_weights(), source.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert "metrics" in frozen.extra and frozen.extra["metrics"]["test"]["library"]["tracks"] >= 6
 
 
 def test_frozen_network_with_a_probe_head(tiny_sets, released, tmp_path):

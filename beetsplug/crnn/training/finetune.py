@@ -92,6 +92,12 @@ class Start:
             return self.card.architecture.get("genre_input", "state")
         return "state+conv_mean"
 
+    def keeps_head(self, genres, genre_input=None) -> bool:
+        """Whether a network for ``genres`` starts with this start's own genre head (a model of the family
+        with these genres and this head input), not a fresh one."""
+        return (self.card is not None and list(genres) == self.card.genres
+                and (genre_input or self.genre_input) == self.genre_input)
+
     def network(self, genres, genre_activation="sigmoid", genre_input=None):
         """The start's network with a genre head for ``genres`` (kept from the start when its genres and
         the head's input are these)."""
@@ -105,8 +111,7 @@ class Start:
         source.load_weights(str(self.card.weights))
         net = msd.build(len(genres), len(msd.TAGS), projection=bool(self.card.architecture.get("projection")),
                         genre_activation=genre_activation, genre_input=genre_input)
-        same_head = list(genres) == self.card.genres and genre_input == self.genre_input
-        keep = {layer.name for layer in net.layers} - (set() if same_head else {"genres"})
+        keep = {layer.name for layer in net.layers} - (set() if self.keeps_head(genres, genre_input) else {"genres"})
         copy_weights(source, net, keep)
         return net
 
@@ -544,7 +549,9 @@ class Run:
             best = {"epoch": 0, "score": val["score"], "val": val}
             history = [{"epoch": 0, "val": val}]
             self.top.save_weights(str(self._best_path()))
-            self.log(f"epoch 0 (as released, fresh genre head): val {_brief(val)}")
+            head = "its own genre head" if self.cache.start.keeps_head(self.genres, self.config["genre_input"]) else \
+                "a fresh genre head"
+            self.log(f"epoch 0 (the start's network, {head}): val {_brief(val)}")
         step = self._step_fn()
         bs = int(self.config["batch_size"])
         done_now = 0

@@ -47,6 +47,10 @@ def add_library_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-genres", type=int, default=20, help="at most this many genres, the largest (default 20)")
     g.add_argument("--from-scratch", action="store_true",
                    help="start from random weights instead of fine-tuning the shipped model")
+    g.add_argument("--unfreeze", choices=("none", "head", "gru", "conv4"), default="none",
+                   help="from a model of the MSD CRNN family (the shipped one): what trains. none (default): the "
+                        "network and its embedding stay, a genre head is fitted on them in seconds; gru: the GRUs "
+                        "and both heads train for --epochs; conv4: conv4 too")
     g.add_argument("--val-fraction", type=float, default=0.1, help="share of each genre's tracks (by artist) for val")
     g.add_argument("--test-fraction", type=float, default=0.1, help="share of each genre's tracks (by artist) for test")
     g.add_argument("--cache-max-gb", type=float, default=DEFAULT_CACHE_GB,
@@ -215,7 +219,11 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
         except CrnnError as exc:
             raise CrnnError(f"cannot fine-tune from {init_from} ({exc}); --from-scratch or --init-from DIR "
                             "start elsewhere") from None
-        say(f"fine-tuning {start.model_id}: its layers, a new output for these {len(p.genres)} genres")
+        if start.family == "msd-crnn" and args.unfreeze == "none":
+            say(f"fitting a genre head for these {len(p.genres)} genres on {start.model_id}: its network and "
+                "embedding stay as they are (--unfreeze none)")
+        else:
+            say(f"fine-tuning {start.model_id}: its layers, a new output for these {len(p.genres)} genres")
     else:
         say("training from scratch")
     if args.teacher:  # a missing extra stops the run before any decoding, in one line
@@ -329,12 +337,16 @@ def _train_library_msd(args, p: Plan, start, config_dir, log, say, warn=None, wo
 
     def write(out):
         run = finetune.Run([r for r in p.records if r.split != "test"], stem_cache, Path(out), versions,
-                           args.version_cache or str(cache_dir.parent / "versions"), unfreeze="gru", lr=args.lr,
-                           batch_size=max(args.batch_size, 16), seed=args.seed, workers=workers or 2, log=log,
-                           warn=warn)
+                           args.version_cache or str(cache_dir.parent / "versions"), unfreeze=args.unfreeze,
+                           lr=args.lr, batch_size=max(args.batch_size, 16), seed=args.seed, workers=workers or 2,
+                           log=log, warn=warn)
         runs.append(run)
-        result = run.fit(args.epochs, patience=args.patience)
-        say(f"best epoch {result['best']['epoch']} of {result['epoch']}: val {finetune._brief(result['best']['val'])}")
+        if args.unfreeze == "none":
+            result = finetune.fit_probe_head(run)  # logs its own line
+        else:
+            result = run.fit(args.epochs, patience=args.patience)
+            say(f"best epoch {result['best']['epoch']} of {result['epoch']}: val "
+                f"{finetune._brief(result['best']['val'])}")
         summary = p.summary()
         summary["tracks"] = {s: sum(r.split == s for r in p.records) for s in dataset.SPLITS}
         return run.save(result, args.name, args.command if hasattr(args, "command") else "beet crnntrain",
