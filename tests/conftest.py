@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,13 @@ GENRES = ["classical", "electronic", "pop", "rock"]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".cache" / "numba"))
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child the test Ctrl-Cs: SIGINT back to its default. A suite started in the
+    background (``nohup ... &``) ignores SIGINT, children inherit that, and Python then never raises
+    KeyboardInterrupt in them."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def make_model(folder, genres=GENRES, conv_filters=(8, 12, 12, 12), gru_units=8, seed=0, tags=()):

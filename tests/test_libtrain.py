@@ -26,7 +26,7 @@ from beetsplug.crnn import audio
 from beetsplug.crnn.training import dataset, excerpts, library_train, taxonomy
 from beetsplug.crnn.errors import CrnnError
 from beetsplug.crnn.training.fileid import content_id
-from conftest import BeetsEnv
+from conftest import BeetsEnv, sigint_default
 
 SR = 22050
 TINY = ["--conv-filters", "4,4,4,4", "--gru-units", "4"]
@@ -568,10 +568,8 @@ def test_ctrl_c_mid_epoch_writes_the_best_epoch(tmp_path, tiny_model):
     cmd = [sys.executable, "-m", "beets", "crnntrain", "--min-tracks", "2", "--from-scratch", *TINY,
            "--epochs", "500", "--patience", "500", "--crops", "30"]
     # Progress lines may go to stdout or stderr (beets' logger): read both as one stream.
-    # SIGINT restored to its default: a suite started in the background (nohup ... &) ignores it, and children inherit that.
     proc = subprocess.Popen(cmd, env={**env.env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=sigint_default)
     guard = threading.Timer(300, proc.kill)  # a test must never hang the suite
     guard.start()
     seen = []

@@ -25,7 +25,7 @@ import pytest
 
 from audiogen import write
 from beetsplug.crnn import store
-from conftest import GENRES, BeetsEnv
+from conftest import GENRES, BeetsEnv, sigint_default
 
 from beetsplug.crnn import radio as radio_module
 
@@ -213,7 +213,7 @@ class Radio:
 
     def start(self, *args):
         return subprocess.Popen([sys.executable, "-m", "beets", "crnnradio", *map(str, args)], env=self.env.env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
 
     @staticmethod
     def interrupt(proc, timeout=60):

@@ -24,7 +24,7 @@ import soundfile as sf
 
 from audiogen import has_ffmpeg, signal as make_signal, write
 from beetsplug.crnn import store
-from conftest import GENRES, BeetsEnv
+from conftest import GENRES, BeetsEnv, sigint_default
 
 # ---- helpers ----
 
@@ -71,7 +71,7 @@ def lines_naming(text: str, name: str) -> list[str]:
 
 def popen_beet(env, *args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "beets", *map(str, args)], env=env.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
 
 
 def wait_for(predicate, proc, limit=90.0, step=0.02):
@@ -422,9 +422,13 @@ def test_ctrl_c_in_the_middle_of_a_store_is_held_until_the_item_is_saved(tmp_pat
         return result
 
     monkeypatch.setattr(db.Transaction, "mutate", mutate)
-    with pytest.raises(KeyboardInterrupt):
-        with _sigint_held():
-            item.store()
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, even in a background suite
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _sigint_held():
+                item.store()
+    finally:
+        signal.signal(signal.SIGINT, before)
     monkeypatch.undo()
     lib._close()
     assert len(writes) > 1
