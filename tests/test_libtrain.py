@@ -621,6 +621,8 @@ def test_library_options_are_refused_with_data(beets_env, tmp_path):
     data.mkdir()
     proc = beets_env.run("crnntrain", data, "--field", "mood", check=False)
     assert proc.returncode != 0 and "--field is for a library query" in proc.stderr
+    proc = beets_env.run("crnntrain", data, "--unfreeze", "gru", check=False)  # crnn-finetune has its own
+    assert proc.returncode != 0 and "--unfreeze is for a library query" in proc.stderr
     proc = beets_env.run("crnneval", "genre:rock", "--robustness", check=False)
     assert proc.returncode != 0 and "--robustness is for evaluating DATA" in proc.stderr
 

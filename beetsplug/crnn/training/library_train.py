@@ -28,8 +28,8 @@ DEFAULT_CACHE_GB = 5.0
 DEFAULT_MAX_MINUTES = 60.0
 
 # Options that only mean something when training on (or evaluating) the library.
-LIBRARY_OPTIONS = ("library", "field", "genres", "min_tracks", "max_genres", "from_scratch", "val_fraction",
-                   "test_fraction", "cache_max_gb", "dry_run")
+LIBRARY_OPTIONS = ("library", "field", "genres", "min_tracks", "max_genres", "from_scratch", "unfreeze",
+                   "val_fraction", "test_fraction", "cache_max_gb", "dry_run")
 
 
 def query_options(group, field_default, field_help) -> None:
