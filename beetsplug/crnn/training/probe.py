@@ -6,6 +6,7 @@ strength on the validation split (log-loss), then refits on train + val; test cl
 With a ``mask`` per row (1 for the genres the clip's own set labels), each row's softmax runs over its
 set's genres only: a GTZAN "metal" clip then does not teach the head that emotify's "rock" clips are
 not metal (emotify has no metal; its rock includes it). Served, the head is one softmax over all.
+
 The anchor benchmark's floor ("frozen + linear probe") and the frozen MSD CRNN's shipped genre head
 (``finetune --unfreeze none``) are both this probe.
 """
