@@ -223,7 +223,7 @@ def run(args, log=print) -> ModelCard:
     card = wccn.source_model(args)
     if args.epochs < 1:
         raise CrnnError("--epochs is at least 1")
-    data = wccn.versions_from(args, log)
+    data = wccn.versions_from(args, log, card.front)
     import_tensorflow()
     import keras
 
@@ -263,7 +263,7 @@ def run(args, log=print) -> ModelCard:
         "minutes": round((time.time() - t) / 60, 1),
     }
     new = save_model(new_model, args.out, card.genres, arch, extra, name=wccn.family_name(card), tags=card.tags,
-                     log=log)
+                     log=log, features=card.features)
     log(f"wrote {new.weights} (model id {new.model_id}: {card.model_id} tuned for version consistency)")
     return new
 

@@ -92,6 +92,28 @@ def test_projected_msd_model_whose_genre_head_also_reads_the_conv_mean():
     np.testing.assert_allclose(e1, e0 @ P, rtol=1e-4, atol=1e-4)
 
 
+def test_wccn_on_an_msd_model_hears_and_keeps_its_front_end(tmp_path):
+    """crnn-wccn on a model of the MSD family: rows through its 12 kHz front end, the card keeps that front end."""
+    from beetsplug.crnn import msd
+    from beetsplug.crnn.features import MSD
+    from beetsplug.crnn.training.card import save_model
+    from test_msd import random_msd
+
+    a = _labelled_set(tmp_path / "setA", ["rock", "pop"], seconds=2.0)
+    arch = dict(msd.ARCHITECTURE, genre_input="state+conv_mean", genre_activation="softmax")
+    old = save_model(random_msd(seed=4, n_genres=2, genre_input="state+conv_mean"), tmp_path / "old", ["pop", "rock"],
+                     arch, {"training": {}}, name="m", tags=msd.TAGS, features=MSD.params)
+    args = wccn.build_parser().parse_args([str(a), "--model", str(old.weights.parent), "--out", str(tmp_path / "new"),
+                                           "--copies", "1", "--augment-p", "1", "--versions", "",
+                                           "--cache", str(tmp_path / "mels")])
+    new = wccn.run(args, log=lambda m: None)
+    assert new.front is MSD and new.features == old.features and new.architecture["projection"] == "wccn"
+    cache = dataset.MelCache(tmp_path / "mels", MSD)
+    windows = np.concatenate([cache.serving(r.path, 2) for r in dataset.read_sources([a]) if r.split == "train"])
+    (_, p_old), (_, p_new) = Embedder(old)(windows), Embedder(ModelCard.load(tmp_path / "new"))(windows)
+    np.testing.assert_allclose(p_new, p_old, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_wccn_keeps_every_output_and_moves_only_the_embedding(tmp_path):
     a = _labelled_set(tmp_path / "setA", ["rock", "pop"], seconds=2.0)

@@ -70,14 +70,14 @@ class Versions:
 
     def __init__(self, records, cache_dir, versions=augment.TRAIN_VERSIONS, version_dir=None, edits=DEFAULT_EDITS,
                  copies=DEFAULT_COPIES, edit_p=0.5, splits=("train",), n_windows=DEFAULT_WINDOWS, seed=0, workers=2,
-                 log=print):
+                 log=print, front=None):
         if "test" in splits:
             raise CrnnError("a test split never reaches training: fit on train (and val) only")
         self.records = [r for r in records if r.split in splits]
         self.splits = tuple(splits)
         if not self.records:
             raise CrnnError(f"no records in split(s) {', '.join(splits)}")
-        self.cache = dataset.MelCache(cache_dir)
+        self.cache = dataset.MelCache(cache_dir, front)  # the model's own front end: what crnnembed feeds it
         self.versions, self.version_dir = tuple(versions), version_dir
         self.augmenter = augment.MelAugmenter(edits, edit_p) if edits and copies else None
         self.copies = int(copies) if self.augmenter else 0
@@ -163,15 +163,15 @@ def source_model(args) -> ModelCard:
     return card
 
 
-def versions_from(args, log=print) -> Versions:
-    """The rows that ``add_version_arguments``'s options name."""
+def versions_from(args, log=print, front=None) -> Versions:
+    """The rows that ``add_version_arguments``'s options name, as ``front`` (the model's front end) hears them."""
     from .train import _names
 
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     versions = _names(args.versions, list(augment.CODEC_VERSIONS), augment.TRAIN_VERSIONS, what="codec version")
     edits = _names(args.augment, augment.MEL_EDITS, DEFAULT_EDITS, what="augmentation")
     return Versions(dataset.read_sources(args.data), args.cache, versions, args.version_cache, edits, args.copies,
-                    args.augment_p, splits, args.windows, args.seed, log=log)
+                    args.augment_p, splits, args.windows, args.seed, log=log, front=front)
 
 
 def run(args, log=print) -> ModelCard:
@@ -180,7 +180,7 @@ def run(args, log=print) -> ModelCard:
     card = source_model(args)
     if card.architecture.get("projection"):
         raise CrnnError(f"model {card.model_id} has a projection already: fit one on the model it was made from")
-    data = versions_from(args, log)
+    data = versions_from(args, log, card.front)
     embedder = Embedder(card)
     t = time.time()
     X, groups, _ = data.rows(embedder.raw_embeddings)
@@ -202,7 +202,7 @@ def run(args, log=print) -> ModelCard:
         "minutes": round((time.time() - t) / 60, 1),
     }
     new = save_model(new_model, args.out, card.genres, arch, extra, name=family_name(card), tags=card.tags,
-                     log=log)
+                     log=log, features=card.features)
     log(f"wrote {new.weights} (model id {new.model_id}: {card.model_id} with a WCCN projection)")
     return new
 
