@@ -152,6 +152,19 @@ def test_onnx_export_of_the_family_agrees_with_keras(tmp_path, genre_input):
         np.testing.assert_allclose(o, k, atol=1e-4)
 
 
+def test_a_saved_card_hears_its_familys_front_end_unless_told_otherwise(tmp_path):
+    """save_model without ``features``: the MSD family's card names the MSD front end, ours the level-free one."""
+    from beetsplug.crnn import msd
+    from beetsplug.crnn.features import MSD, PARAMS
+    from beetsplug.crnn.model import ModelCard
+    from beetsplug.crnn.training.card import save_model
+
+    save_model(random_msd(seed=3, n_genres=2), tmp_path / "msd", ["a", "b"], msd.ARCHITECTURE, {"training": {}},
+               name="t", tags=msd.TAGS)
+    card = ModelCard.load(tmp_path / "msd")
+    assert card.family == "msd-crnn" and card.front is MSD and card.features == MSD.params != PARAMS
+
+
 @pytest.mark.skipif(not RELEASED.is_file() or not EMOTIFY.is_dir(), reason="needs ../shared (pretrained and emotify)")
 def test_port_reproduces_the_released_tags():
     """README of ../shared/pretrained/choi2017-msd-crnn: two centred windows, tags averaged."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from .audio import N_MELS, WINDOW_FRAMES
 from .errors import ModelError
-from .features import PARAMS, front_end_for
+from .features import MSD_PARAMS, PARAMS, front_end_for
 
 CARD_NAME = "crnn.json"
 WEIGHTS_NAME = "crnn.weights.h5"
@@ -274,6 +274,12 @@ def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout
 
 
 FAMILIES = ("crnn", "msd-crnn")
+FAMILY_FEATURES = {"crnn": PARAMS, "msd-crnn": MSD_PARAMS}  # the front end each family was built to hear
+
+
+def family_features(arch: dict) -> dict:
+    """The front end of an architecture's family: what a card says when nothing else is asked for."""
+    return dict(FAMILY_FEATURES[str(arch.get("family", "crnn"))])
 
 
 def build_for(card: ModelCard):

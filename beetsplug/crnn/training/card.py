@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CrnnError
-from ..model import CARD_NAME, WEIGHTS_NAME, ModelCard, sha256_of
+from ..model import CARD_NAME, WEIGHTS_NAME, ModelCard, family_features, sha256_of
 
 
 def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), log=None, features=None) -> ModelCard:
     """Write weights and their ONNX export, then the card naming both sha256 (the card is written last).
 
     The export is what a plain install analyses with; if it fails the model still works on the
-    Keras runtime, so that is reported (``log``) rather than raised.
+    Keras runtime, so that is reported (``log``) rather than raised. ``features`` defaults to the
+    front end of ``arch``'s family: an MSD-family model carded with the level-free front end would
+    hear the wrong input without any error.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -23,9 +25,8 @@ def save_model(full_model, out_dir, genres, arch, extra, name="crnn", tags=(), l
     sha = sha256_of(weights)
     extra = dict(extra, name=name)  # the family name, kept by models made from this one (crnn-wccn)
     card = ModelCard(model_id=f"{name}-{sha[:10]}", genres=list(genres), weights=weights, sha256=sha,
-                     architecture=dict(arch), extra=extra, tags=list(tags))
-    if features is not None:  # another family's front end (the MSD CRNN's); the level-free one otherwise
-        card.features = dict(features)
+                     architecture=dict(arch), extra=extra, tags=list(tags),
+                     features=dict(features) if features is not None else family_features(arch))
     try:
         from .export import export_card
 
