@@ -20,7 +20,6 @@ docs/experiments/2026-12-04-crnn-consistency.rst has what it was measured to do:
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import shlex
@@ -217,8 +216,6 @@ def loss_terms(outs, targets: dict) -> dict:
 
 
 def run(args, log=print) -> ModelCard:
-    from beetsplug.crnn.training.card import save_model
-
     require_tensorflow()  # before any decoding: a plain install cannot train
     card = wccn.source_model(args)
     if args.epochs < 1:
@@ -239,12 +236,8 @@ def run(args, log=print) -> ModelCard:
     start = tuner.losses()
     history = tuner.fit(args.epochs)
     P = wccn.projection(wccn.within_scatter(tuner.raw_embeddings(), groups), args.shrink)
-    arch = dict(card.architecture, projection="wccn")
-    new_model = wccn.projected(card, model, P, arch)
-    extra = copy.deepcopy(card.extra)
-    extra.pop("metrics", None)  # measured on the old model: crnn-eval --update-card measures this one
-    extra.pop("wccn", None)  # refitted below, on the tuned model
-    extra["consistency"] = {
+    # the source's own "wccn" record is dropped: the projection is refitted here, on the tuned model
+    new = wccn.save_projected(card, model, P, args.out, "consistency", {
         "from": card.model_id,
         "command": " ".join(["python research/consistency.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "data": [str(d) for d in args.data],
@@ -261,9 +254,7 @@ def run(args, log=print) -> ModelCard:
         "wccn": {"shrink": args.shrink, "fitted_on": "the tuned last GRU's output on the same rows; heads folded"},
         "seed": args.seed,
         "minutes": round((time.time() - t) / 60, 1),
-    }
-    new = save_model(new_model, args.out, card.genres, arch, extra, name=wccn.family_name(card), tags=card.tags,
-                     log=log, features=card.features)
+    }, log=log, drop=("wccn",))
     log(f"wrote {new.weights} (model id {new.model_id}: {card.model_id} tuned for version consistency)")
     return new
 

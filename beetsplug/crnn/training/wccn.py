@@ -143,6 +143,22 @@ def projected(card: ModelCard, old, P: np.ndarray, architecture: dict):
     return new
 
 
+def save_projected(card: ModelCard, model, P: np.ndarray, out, key: str, record: dict, log=print, drop=()) -> ModelCard:
+    """``model`` with ``P`` after its last GRU (``projected``) written as a new model of the card's family,
+    hearing through the card's front end. The card's extra is kept, less its metrics (measured on the old
+    embedding: ``crnn-eval --update-card`` measures the new one) and the keys in ``drop``; ``record`` says
+    how the projection was made, under ``key``."""
+    from .card import save_model
+
+    arch = dict(card.architecture, projection="wccn")
+    extra = copy.deepcopy(card.extra)
+    for k in ("metrics", *drop):
+        extra.pop(k, None)
+    extra[key] = record
+    return save_model(projected(card, model, P, arch), out, card.genres, arch, extra, name=family_name(card),
+                      tags=card.tags, log=log, features=card.features)
+
+
 def family_name(card: ModelCard) -> str:
     """The ``--name`` the card's model was trained under ("crnn-emotify-gtzan"): the new model keeps it.
 
@@ -175,8 +191,6 @@ def versions_from(args, log=print, front=None) -> Versions:
 
 
 def run(args, log=print) -> ModelCard:
-    from .card import save_model
-
     card = source_model(args)
     if card.architecture.get("projection"):
         raise CrnnError(f"model {card.model_id} has a projection already: fit one on the model it was made from")
@@ -185,11 +199,7 @@ def run(args, log=print) -> ModelCard:
     t = time.time()
     X, groups, _ = data.rows(embedder.raw_embeddings)
     P = projection(within_scatter(X, groups), args.shrink)
-    arch = dict(card.architecture, projection="wccn")
-    new_model = projected(card, embedder.model, P, arch)
-    extra = copy.deepcopy(card.extra)
-    extra.pop("metrics", None)  # measured on the old embedding: crnn-eval --update-card measures this one
-    extra["wccn"] = {
+    new = save_projected(card, embedder.model, P, args.out, "wccn", {
         "from": card.model_id,
         "command": " ".join(["python -m beetsplug.crnn.training.wccn"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "data": [str(d) for d in args.data],
@@ -200,9 +210,7 @@ def run(args, log=print) -> ModelCard:
         "heads": "folded through the inverse projection: genre and tag outputs unchanged",
         "seed": args.seed,
         "minutes": round((time.time() - t) / 60, 1),
-    }
-    new = save_model(new_model, args.out, card.genres, arch, extra, name=family_name(card), tags=card.tags,
-                     log=log, features=card.features)
+    }, log=log)
     log(f"wrote {new.weights} (model id {new.model_id}: {card.model_id} with a WCCN projection)")
     return new
 
