@@ -203,3 +203,22 @@ def test_wccn_refuses_test_splits_its_own_folder_and_nothing_to_compare(tmp_path
                                            str(old.weights.parent)])
     with pytest.raises(CrnnError, match="another folder"):
         wccn.run(args, log=lambda m: None)
+
+
+def test_a_projected_model_keeps_the_cards_record_less_what_the_projection_made_stale(tmp_path):
+    """save_projected: metrics (of the old embedding) and the ``drop`` keys go; the rest and the new record stay."""
+    from beetsplug.crnn import msd
+    from beetsplug.crnn.training.card import save_model
+    from test_msd import random_msd
+
+    old = save_model(random_msd(seed=6, n_genres=2), tmp_path / "old", ["pop", "rock"], msd.ARCHITECTURE,
+                     {"training": {"epochs": 3}, "metrics": {"top1": 0.9}, "wccn": {"shrink": 0.1}}, name="m",
+                     tags=msd.TAGS)
+    model = Embedder(old).model
+    P = np.diag(np.linspace(0.5, 2.0, 32))
+    new = wccn.save_projected(old, model, P, tmp_path / "new", "consistency", {"epochs": 1}, log=lambda m: None,
+                              drop=("wccn",))
+    data = json.loads((tmp_path / "new" / "crnn.json").read_text())
+    assert data["training"] == {"epochs": 3} and data["consistency"] == {"epochs": 1}
+    assert "metrics" not in data and "wccn" not in data and data["name"] == "m"
+    assert new.model_id.startswith("m-") and new.model_id != old.model_id and new.front is old.front
