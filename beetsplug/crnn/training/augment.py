@@ -38,6 +38,9 @@ CODEC_VERSIONS = {
 TRAIN_VERSIONS = ("mp3-64k", "vorbis48", "aac96k")
 
 
+DEFAULT_VERSION_DIR = Path(".cache") / "versions"  # where codec versions are kept unless told
+
+
 def ffmpeg_path() -> str:
     exe = shutil.which("ffmpeg")
     if exe is None:

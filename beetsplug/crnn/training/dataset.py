@@ -25,6 +25,7 @@ from ..features import LEVEL_FREE, PARAMS, log_mel
 from .fileid import content_id
 
 SPLITS = ("train", "val", "test")
+DEFAULT_CACHE = Path(".cache") / "mels"  # the log-mel cache of crnn-train, crnn-eval and crnn-wccn
 AUDIO_EXTS = {".mp3", ".flac", ".ogg", ".oga", ".opus", ".wav", ".aif", ".aiff", ".m4a", ".aac", ".wma"}
 
 

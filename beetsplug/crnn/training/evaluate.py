@@ -23,8 +23,6 @@ from ..errors import CrnnError, command_main
 from ..model import ModelCard, embedder_for, pool_track
 from ..rank import DEFAULT_GENRE_WEIGHT
 
-DEFAULT_CACHE = Path(".cache") / "mels"
-
 
 def embed_records(records, embedder, cache, n_windows=DEFAULT_WINDOWS):
     """(unit embeddings, genre probabilities) per record, analysed as crnnembed would."""
@@ -47,7 +45,7 @@ def training_sources(card: ModelCard) -> set:
     return {Path(str(p)).name if Path(str(p)).suffix.lower() != ".csv" else Path(str(p)).parent.name for p in paths}
 
 
-def evaluate(records, card: ModelCard, cache_dir=DEFAULT_CACHE, split="test",
+def evaluate(records, card: ModelCard, cache_dir=dataset.DEFAULT_CACHE, split="test",
              n_windows=DEFAULT_WINDOWS, k=5, genre_weight=DEFAULT_GENRE_WEIGHT, embedder=None) -> dict:
     """The paper's tables and precision@k for one labelled set's split.
 
@@ -108,7 +106,7 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The evaluation options (all but the data): `beet crnneval` has the same ones for both its forms."""
     p.add_argument("--model", default=None, help="model folder or card (default: the shipped model)")
     p.add_argument("--split", default="test", help="the split to score (default: test)")
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="log-mel cache folder")
+    p.add_argument("--cache", default=str(dataset.DEFAULT_CACHE), help="log-mel cache folder")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="analysis windows per track")
     p.add_argument("--k", type=int, default=5, help="neighbours for precision@k")
     p.add_argument("--genre-weight", type=float, default=DEFAULT_GENRE_WEIGHT)
@@ -129,7 +127,7 @@ def run(args, log=None) -> str:
     from .metrics import format_report
 
     log = log or (lambda m: print(m, file=sys.stderr))
-    args.cache = args.cache or str(DEFAULT_CACHE)  # `beet crnneval DATA` leaves these to us
+    args.cache = args.cache or str(dataset.DEFAULT_CACHE)  # `beet crnneval DATA` leaves these to us
     args.windows = args.windows or DEFAULT_WINDOWS
     if args.update_card and not args.model:  # the shipped card is the release's record, not a scratch pad
         raise CrnnError("--update-card writes into the model's card: name the model with --model DIR")

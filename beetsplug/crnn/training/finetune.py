@@ -401,7 +401,7 @@ class Run:
         codec version of a clip learns the clean clip's target."""
         from . import teacher
 
-        cache = teacher.TeacherCache(teacher_dir or DEFAULT_CACHE.parent / "teacher")
+        cache = teacher.TeacherCache(teacher_dir or teacher.DEFAULT_CACHE)
         teacher.compute([r.path for r in self.fit_records], cache, log=self.log)
         have = [cache.has(r.path) for r in self.fit_records]
         means = np.array([cache.get(r.path)["emb"].mean(0) if ok else np.zeros(teacher.EMB_DIMS)
@@ -418,7 +418,7 @@ class Run:
 
         if not versions:
             return [[r.path] for r in self.fit_records]
-        version_dir = Path(version_dir or DEFAULT_CACHE.parent / "versions")
+        version_dir = Path(version_dir or augment.DEFAULT_VERSION_DIR)
 
         def one(r):
             got = [r.path]

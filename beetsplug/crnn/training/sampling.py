@@ -21,8 +21,6 @@ from ..model import POOLS
 from . import dataset
 from .teacher import crop_targets
 
-DEFAULT_CACHE = Path(".cache") / "mels"
-
 
 def _hot(records, genres) -> np.ndarray:
     """Targets per record: 1 for its genre and any further genres it has (``Record.more``); all 0 without a genre."""
@@ -36,7 +34,7 @@ def _hot(records, genres) -> np.ndarray:
 class TrainingData:
     """Holds the data of one run: cached log-mels, codec versions and teacher targets of the train and val clips."""
 
-    def __init__(self, records, cache_dir=DEFAULT_CACHE, genres=None, n_windows=DEFAULT_WINDOWS, log=print, workers=2,
+    def __init__(self, records, cache_dir=dataset.DEFAULT_CACHE, genres=None, n_windows=DEFAULT_WINDOWS, log=print, workers=2,
                  versions=(), version_dir=None, teacher=None, teacher_dir=None, unlabelled=()):
         """``cache_dir`` is a folder for a MelCache, or a cache object itself (a library's excerpt cache)."""
         self.log = log

@@ -32,6 +32,7 @@ TEACHER_HOP = 256
 TEACHER_N_FFT = 512
 TEACHER_SECONDS = 3.0
 EMB_DIMS = 200  # musicnn's penultimate layer
+DEFAULT_CACHE = Path(".cache") / "teacher"  # teacher outputs unless told
 INSTALL_HINT = "pip install 'beets-crnn[train]' librosa && pip install --no-deps tf-keras musicnn"
 
 

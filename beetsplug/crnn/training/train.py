@@ -31,11 +31,11 @@ from .. import model as model_mod
 from ..audio import DEFAULT_WINDOWS, WINDOW_FRAMES
 from ..errors import CrnnError, command_main
 from ..model import CARD_NAME, DEFAULT_ARCHITECTURE, ModelCard
-from . import augment, dataset
+from . import augment, dataset, teacher
 from .card import save_model
 from .fit import Trainer
 from .losses import PAIR_TEMPERATURE
-from .sampling import DEFAULT_CACHE, check_short_crops, unlabelled_records
+from .sampling import check_short_crops, unlabelled_records
 
 TEACHER_TARGETS = ("tags", "emb", "both")
 
@@ -61,7 +61,7 @@ def add_options(p: argparse.ArgumentParser, out_required=False) -> argparse.Argu
     """
     p.add_argument("--out", default=None, required=out_required,
                    help="folder for crnn.weights.h5 and crnn.json" + (" (required)" if out_required else ""))
-    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="log-mel cache folder")
+    p.add_argument("--cache", default=str(dataset.DEFAULT_CACHE), help="log-mel cache folder")
     p.add_argument("--init-from", default=None, help="fine-tune from this model folder or card")
     p.add_argument("--name", default="crnn", help="prefix of the model id (kept in the card as its name)")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip when validating")
@@ -96,14 +96,14 @@ def add_options(p: argparse.ArgumentParser, out_required=False) -> argparse.Argu
                    help="comma-separated codec versions to train on, made once with ffmpeg and cached "
                         f"({', '.join(augment.CODEC_VERSIONS)}), or 'default' ({', '.join(augment.TRAIN_VERSIONS)})")
     g.add_argument("--version-p", type=float, default=0.5, help="probability that a crop comes from a codec version")
-    g.add_argument("--version-cache", default=str(Path(".cache") / "versions"), help="folder for codec versions")
+    g.add_argument("--version-cache", default=str(augment.DEFAULT_VERSION_DIR), help="folder for codec versions")
 
     g = p.add_argument_group("teacher (the [teacher] extra)")
-    g.add_argument("--teacher", choices=["musicnn"], default=None, help="distil from this teacher too")
+    g.add_argument("--teacher", choices=teacher.TEACHERS, default=None, help="distil from this teacher too")
     g.add_argument("--teacher-target", choices=TEACHER_TARGETS, default="both",
                    help="what the student learns from the teacher: its 50 tags, its embedding, or both")
     g.add_argument("--teacher-weight", type=float, default=1.0, help="weight of each teacher loss beside the genre loss")
-    g.add_argument("--teacher-cache", default=str(Path(".cache") / "teacher"), help="folder for teacher outputs")
+    g.add_argument("--teacher-cache", default=str(teacher.DEFAULT_CACHE), help="folder for teacher outputs")
     g.add_argument("--unlabelled", action="append", default=[],
                    help="DATA only: a folder of audio without genres that the teacher alone teaches (repeatable; "
                         "on a library, --teacher trains its tracks without a usable genre)")
@@ -217,7 +217,7 @@ def run(args, log=print, records=None, cache=None, on_epoch=None, callbacks=(), 
             "augmentation": {"log_mel_edits": augmenter.describe() if augmenter else None,
                              "codec_versions": {v: augment.CODEC_VERSIONS[v][1] for v in versions},
                              "version_p": args.version_p if versions else 0.0},
-            "teacher": ({"name": args.teacher, "model": "MSD_musicnn", "target": args.teacher_target,
+            "teacher": ({"name": args.teacher, "model": teacher.TEACHER_MODEL, "target": args.teacher_target,
                          "weight": args.teacher_weight, "on": "clean audio, per 3 s window, mean over each crop",
                          # audio only the teacher speaks for: --unlabelled folders and/or a library's genre-less tracks
                          "unlabelled": {"folders": [str(u) for u in args.unlabelled],

@@ -228,8 +228,8 @@ def add_version_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
                    help=f"log-mel edits ({', '.join(augment.MEL_EDITS)}; default: {', '.join(DEFAULT_EDITS)}; none: '')")
     p.add_argument("--augment-p", type=float, default=0.5, help="probability of each log-mel edit per copy")
     p.add_argument("--copies", type=int, default=DEFAULT_COPIES, help="edited copies of each file's windows")
-    p.add_argument("--cache", default=str(Path(".cache") / "mels"), help="log-mel cache folder")
-    p.add_argument("--version-cache", default=str(Path(".cache") / "versions"), help="folder for codec versions")
+    p.add_argument("--cache", default=str(dataset.DEFAULT_CACHE), help="log-mel cache folder")
+    p.add_argument("--version-cache", default=str(augment.DEFAULT_VERSION_DIR), help="folder for codec versions")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS, help="windows per clip, as crnnembed analyses")
     p.add_argument("--seed", type=int, default=0)
 
