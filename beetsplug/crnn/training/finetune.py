@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import audio, msd
 from . import dataset
-from ..errors import CrnnError
+from ..errors import CrnnError, command_main
 from ..features import MSD
 from .fileid import content_id
 
@@ -702,48 +702,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(args, argv) -> None:
+    """crnn-finetune's work; ``argv`` goes into the card's command line."""
+    records = dataset.read_sources(args.data)
+    versions = tuple(v for v in args.versions.split(",") if v)
+    out = Path(args.out)
+    genre_input = args.genre_input
+    if args.resume:
+        state = out / "checkpoint" / "state.json"
+        if not state.is_file():
+            raise CrnnError(f"nothing to resume in {out} (no checkpoint/state.json)")
+        config = json.loads(state.read_text("utf-8"))["config"]
+        mine = {"unfreeze": args.unfreeze, "lr": args.lr, "tag_weight": args.tag_weight,
+                "emb_weight": args.emb_weight, "musicnn_weight": args.musicnn_weight,
+                "genre_input": args.genre_input or config.get("genre_input", "state"),
+                "batch_size": args.batch_size, "seed": args.seed,
+                "versions": list(versions)}
+        old = {"musicnn_weight": 0.0, "genre_input": "state"}  # runs from before these settings
+        differ = [k for k, v in mine.items() if config.get(k, old.get(k)) != v]
+        if differ:
+            raise CrnnError(f"--resume with other settings than the run's ({', '.join(differ)})")
+        genre_input = mine["genre_input"]
+    cache = FeatureCache(args.cache, weights=args.weights)
+    run = Run(records, cache, out, versions, args.version_cache, args.unfreeze, args.lr, args.tag_weight,
+              args.emb_weight, args.batch_size, args.seed, args.workers, musicnn_weight=args.musicnn_weight,
+              teacher_dir=args.teacher_cache, genre_input=genre_input)
+    if args.unfreeze == "none":
+        result = fit_probe_head(run)
+    else:
+        result = run.fit(args.epochs, resume=args.resume, patience=args.patience, stop_after=args.stop_after)
+    if not result["finished"]:
+        return  # stopped by --stop-after: --resume continues
+    card = run.save(result, args.name, "crnn-finetune " + " ".join(argv if argv is not None else sys.argv[1:]))
+    log_stderr(f"wrote {card.weights.parent} ({card.model_id}); best epoch {result['best']['epoch']}: "
+               f"{_brief(result['best']['val'])}")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        records = dataset.read_sources(args.data)
-        versions = tuple(v for v in args.versions.split(",") if v)
-        out = Path(args.out)
-        genre_input = args.genre_input
-        if args.resume:
-            state = out / "checkpoint" / "state.json"
-            if not state.is_file():
-                raise CrnnError(f"nothing to resume in {out} (no checkpoint/state.json)")
-            config = json.loads(state.read_text("utf-8"))["config"]
-            mine = {"unfreeze": args.unfreeze, "lr": args.lr, "tag_weight": args.tag_weight,
-                    "emb_weight": args.emb_weight, "musicnn_weight": args.musicnn_weight,
-                    "genre_input": args.genre_input or config.get("genre_input", "state"),
-                    "batch_size": args.batch_size, "seed": args.seed,
-                    "versions": list(versions)}
-            old = {"musicnn_weight": 0.0, "genre_input": "state"}  # runs from before these settings
-            differ = [k for k, v in mine.items() if config.get(k, old.get(k)) != v]
-            if differ:
-                raise CrnnError(f"--resume with other settings than the run's ({', '.join(differ)})")
-            genre_input = mine["genre_input"]
-        cache = FeatureCache(args.cache, weights=args.weights)
-        run = Run(records, cache, out, versions, args.version_cache, args.unfreeze, args.lr, args.tag_weight,
-                  args.emb_weight, args.batch_size, args.seed, args.workers, musicnn_weight=args.musicnn_weight,
-                  teacher_dir=args.teacher_cache, genre_input=genre_input)
-        if args.unfreeze == "none":
-            result = fit_probe_head(run)
-        else:
-            result = run.fit(args.epochs, resume=args.resume, patience=args.patience, stop_after=args.stop_after)
-        if not result["finished"]:
-            return 0
-        card = run.save(result, args.name, "crnn-finetune " + " ".join(argv if argv is not None else sys.argv[1:]))
-        log_stderr(f"wrote {card.weights.parent} ({card.model_id}); best epoch {result['best']['epoch']}: "
-                   f"{_brief(result['best']['val'])}")
-    except CrnnError as exc:
-        print(f"crnn-finetune: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("crnn-finetune: interrupted; the last finished epoch is checkpointed (--resume continues)", file=sys.stderr)
-        return 130
-    return 0
+    return command_main("crnn-finetune", lambda: build_parser().parse_args(argv), lambda args: _run(args, argv),
+                        "interrupted; the last finished epoch is checkpointed (--resume continues)")
 
 
 if __name__ == "__main__":
