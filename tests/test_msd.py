@@ -152,6 +152,18 @@ def test_onnx_export_of_the_family_agrees_with_keras(tmp_path, genre_input):
         np.testing.assert_allclose(o, k, atol=1e-4)
 
 
+def test_an_unknown_genre_input_is_refused_by_the_network_and_by_fine_tuning_s_top():
+    """Both builders share msd.genre_head_input; neither may quietly read the conv mean for a misspelt value."""
+    from beetsplug.crnn import msd
+    from beetsplug.crnn.errors import ModelError
+    from beetsplug.crnn.training import finetune
+
+    with pytest.raises(ModelError, match="unknown genre_input 'conv'"):
+        msd.build(2, genre_input="conv")
+    with pytest.raises(ModelError, match="unknown genre_input 'conv'"):
+        finetune.build_top(2, len(msd.TAGS), genre_input="conv")
+
+
 def test_a_saved_card_hears_its_familys_front_end_unless_told_otherwise(tmp_path):
     """save_model without ``features``: the MSD family's card names the MSD front end, ours the level-free one."""
     from beetsplug.crnn import msd

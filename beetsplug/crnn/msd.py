@@ -89,8 +89,6 @@ def build(n_genres: int, n_tags: int = len(TAGS), frames: int = 1366, dropout: f
     ``genre_input`` (``GENRE_INPUTS``): what the genre head reads: the state, or the state beside the
     conv stack's output averaged over time (128-d, ``conv_mean``), which keeps timbre the GRUs summarise away.
     The tag head always reads the state, as released."""
-    if genre_input not in GENRE_INPUTS:
-        raise ModelError(f"unknown genre_input {genre_input!r} (one of {', '.join(GENRE_INPUTS)})")
     import keras
     from keras import layers
 
@@ -123,6 +121,8 @@ def genre_head_input(state, sequence, genre_input: str):
     """The genre head's input (see ``build``); shared with fine-tuning's top so both name layers alike."""
     from keras import layers
 
+    if genre_input not in GENRE_INPUTS:
+        raise ModelError(f"unknown genre_input {genre_input!r} (one of {', '.join(GENRE_INPUTS)})")
     if genre_input == "state":
         return state
     conv_mean = layers.GlobalAveragePooling1D(name="conv_mean")(sequence)
