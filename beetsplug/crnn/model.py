@@ -171,7 +171,7 @@ class ModelCard:
     @property
     def family(self) -> str:
         """The architecture the card describes: our own CRNN (``crnn``) or the MSD CRNN's (``msd-crnn``)."""
-        return str(self.architecture.get("family", "crnn"))
+        return family_of(self.architecture)
 
     @property
     def front(self):
@@ -273,13 +273,18 @@ def build(n_genres: int, conv_filters=(68, 137, 137, 137), gru_units=68, dropout
     return keras.Model(inp, outputs, name="crnn")
 
 
-FAMILIES = ("crnn", "msd-crnn")
-FAMILY_FEATURES = {"crnn": PARAMS, "msd-crnn": MSD_PARAMS}  # the front end each family was built to hear
+FAMILY_FEATURES = {"crnn": PARAMS, "msd-crnn": MSD_PARAMS}  # each family, and the front end it was built to hear
+FAMILIES = tuple(FAMILY_FEATURES)
+
+
+def family_of(arch: dict) -> str:
+    """An architecture's family; cards from before families were named are our own CRNN's."""
+    return str(arch.get("family", "crnn"))
 
 
 def family_features(arch: dict) -> dict:
     """The front end of an architecture's family: what a card says when nothing else is asked for."""
-    return dict(FAMILY_FEATURES[str(arch.get("family", "crnn"))])
+    return dict(FAMILY_FEATURES[family_of(arch)])
 
 
 def build_for(card: ModelCard):
