@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import time
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from beetsplug.crnn.training.metrics import confusion_macro_f1  # noqa: E402
 from beetsplug.crnn.training.probe import (DEFAULT_L2, L2_GRID, Probe, _softmax, fit_probe,  # noqa: E402,F401
                                            one_blas_thread)
 
@@ -36,11 +34,6 @@ def restrict(P: np.ndarray, columns) -> np.ndarray:
     """A softmax distribution conditioned on a subset of its classes (columns renormalised)."""
     Q = np.asarray(P, np.float64)[:, list(columns)]
     return Q / np.maximum(Q.sum(axis=1, keepdims=True), 1e-12)
-
-
-def top_genre_macro_f1(report: dict) -> float:
-    """Macro-F1 of the top-genre decisions, from classification_report's argmax confusion matrix."""
-    return confusion_macro_f1(report["confusion"])
 
 
 # ---- clip features of the frozen networks ----

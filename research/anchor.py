@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the be
 
 from _common import ROOT, machine, table  # noqa: E402
 from _anchor_probe import (Caches, clip_embedding, fit_probe, msd_features, rate, read_times, restrict,  # noqa: E402
-                           runner_command, top_genre_macro_f1)
+                           runner_command)
 
 VERSIONS = ("flac44-loud", "mp3-128k-quiet", "vorbis48")
 FROZEN = {"musicnn": "musicnn MSD", "msd": "MSD CRNN", "msd+tags": "MSD CRNN + tags"}  # --frozen: key -> column
@@ -309,10 +309,10 @@ def steady(seconds):
 
 
 def scores(y, P, labels):
-    from beetsplug.crnn.training.metrics import classification_report
+    from beetsplug.crnn.training.metrics import classification_report, confusion_macro_f1
 
     rep = classification_report(y, P, labels)
-    return {"accuracy": rep["accuracy"], "macro_f1_top": top_genre_macro_f1(rep), "macro_f1_threshold": rep["macro"]["f1"],
+    return {"accuracy": rep["accuracy"], "macro_f1_top": confusion_macro_f1(rep["confusion"]), "macro_f1_threshold": rep["macro"]["f1"],
             "n": rep["n"], "report": rep}
 
 
