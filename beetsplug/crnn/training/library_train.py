@@ -293,23 +293,30 @@ def train_library(args, tracks, config_dir, aliases=None, query="", log=print, s
 
     card = ModelCard.load(folder)
     stopped = card.extra["training"].get("stopped")
-    test = None
     if stopped == "interrupted":
         log("evaluation skipped (interrupted): beet crnneval measures the model")
     else:
         try:
-            metrics = card.extra.setdefault("metrics", {})
-            for split in ("val", "test"):
-                chosen = [r for r in records if r.split == split]
-                if chosen:
-                    metrics.setdefault(split, {})[SOURCE] = score(chosen, card, cache, args.windows)
-            card.save(folder / "crnn.json")
-            test = metrics.get("test", {}).get(SOURCE)
+            _score_held_out(card, folder, {s: [r for r in records if r.split == s] for s in ("val", "test")}, cache,
+                            args.windows, say)
         except KeyboardInterrupt:
             log("evaluation interrupted: the model is written; beet crnneval measures it")
-        if test:
-            say(held_out_line(test))
     return {"card": card, "folder": folder, "plan": p, "failed": failed}
+
+
+def _score_held_out(card, folder, held: dict, cache, windows, say) -> None:
+    """Each split's held-out records ({split: records}) scored into the card's metrics, the card saved, and
+    the test line said: what both library trainers do once the model is written."""
+    from ..model import CARD_NAME
+
+    metrics = card.extra.setdefault("metrics", {})
+    for split, chosen in held.items():
+        if chosen:
+            metrics.setdefault(split, {})[SOURCE] = score(chosen, card, cache, windows)
+    card.save(folder / CARD_NAME)
+    test = metrics.get("test", {}).get(SOURCE)
+    if test:
+        say(held_out_line(test))
 
 
 def _write_model(out, models_dir, write) -> Path:
@@ -347,30 +354,23 @@ def _train_library_msd(args, p: Plan, start, config_dir, log, say, warn=None, wo
             result = run.fit(args.epochs, patience=args.patience)
             say(f"best epoch {result['best']['epoch']} of {result['epoch']}: val "
                 f"{finetune._brief(result['best']['val'])}")
-        summary = p.summary()
-        summary["tracks"] = {s: sum(r.split == s for r in p.records) for s in dataset.SPLITS}
         return run.save(result, args.name, args.command if hasattr(args, "command") else "beet crnntrain",
-                        extra={"library": summary})
+                        extra={"library": p.summary()})
 
     folder = _write_model(args.out, models_dir, write)
     left_out = runs[0].left_out
     card = ModelCard.load(folder)
     mels = front_cache(cache_dir, card.front)
-    metrics = card.extra.setdefault("metrics", {})
+    held = {}
     for split in ("val", "test"):
-        chosen = []
+        held[split] = []
         for r in p.records:
             if r.split != split or r.path in left_out:
                 continue
             try:
                 mels.serving(r.path, args.windows)
-                chosen.append(r)
+                held[split].append(r)
             except CrnnError as exc:  # a held-out file that cannot be decoded: one line, not scored
                 (warn or log)(f"{exc} (left out)")
-        if chosen:
-            metrics.setdefault(split, {})[SOURCE] = score(chosen, card, mels, args.windows)
-    card.save(folder / "crnn.json")
-    test = metrics.get("test", {}).get(SOURCE)
-    if test:
-        say(held_out_line(test))
+    _score_held_out(card, folder, held, mels, args.windows, say)
     return {"card": card, "folder": folder, "plan": p, "failed": []}
