@@ -116,7 +116,8 @@ class Candidate:
     mbid: str = ""
 
 
-def _norm_text(s) -> str:
+def norm_text(s) -> str:
+    """Text as compared for identity (artists, titles, genres): case and runs of whitespace do not count."""
     return " ".join(str(s or "").casefold().split())
 
 
@@ -129,12 +130,12 @@ def is_compilation(albumartist, comp=False, va_name=DEFAULT_VA_NAME) -> bool:
     Its album artist names no one: library training splits its tracks by their track artist, and
     ``similar -a`` counts it as no artist for ``--max-per-artist`` (as it counts untagged tracks).
     """
-    return bool(comp) or bool(albumartist and va_name and _norm_text(albumartist) == _norm_text(va_name))
+    return bool(comp) or bool(albumartist and va_name and norm_text(albumartist) == norm_text(va_name))
 
 
 def dedup_key(artist, title) -> tuple[str, str]:
     """Case- and whitespace-insensitive identity, so re-releases/duplicates collapse."""
-    return _norm_text(artist), _norm_text(title)
+    return norm_text(artist), norm_text(title)
 
 
 def identity_keys(artist, title, mbid="") -> set:
@@ -148,7 +149,7 @@ def identity_keys(artist, title, mbid="") -> set:
     a, t = dedup_key(artist, title)
     if t:
         keys.add(("tags", a, t))
-    m = _norm_text(mbid)
+    m = norm_text(mbid)
     if m:
         keys.add(("mbid", m))
     return keys
@@ -172,24 +173,24 @@ class Picker:
         for mbid in seed_mbids:
             self.used_keys |= identity_keys("", "", mbid)
         self.max_per_artist = max_per_artist
-        self.want_genre = _norm_text(genre) if genre is not None else None
+        self.want_genre = norm_text(genre) if genre is not None else None
         self.per_artist: dict[str, int] = {}
 
     def allows(self, c: Candidate) -> bool:
         if c.item_id in self.used_ids:
             return False
-        if self.want_genre is not None and _norm_text(c.genre) != self.want_genre:
+        if self.want_genre is not None and norm_text(c.genre) != self.want_genre:
             return False
         if identity_keys(c.artist, c.title, c.mbid) & self.used_keys:
             return False
-        artist = _norm_text(c.artist)
+        artist = norm_text(c.artist)
         return not (self.max_per_artist is not None and artist
                     and self.per_artist.get(artist, 0) >= self.max_per_artist)
 
     def take(self, c: Candidate) -> None:
         self.used_ids.add(c.item_id)
         self.used_keys |= identity_keys(c.artist, c.title, c.mbid)
-        artist = _norm_text(c.artist)
+        artist = norm_text(c.artist)
         if artist:
             self.per_artist[artist] = self.per_artist.get(artist, 0) + 1
 

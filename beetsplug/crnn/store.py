@@ -121,8 +121,8 @@ def is_current(values: dict, model_id: str, mtime: float | None) -> bool:
     return stored is not None and mtime is not None and abs(float(stored) - float(mtime)) < 1e-3
 
 
-def _genre_key(name) -> str:
-    """Genre identity for write_genre: case, spaces, hyphens, underscores and dots do not count."""
+def genre_key(name) -> str:
+    """Genre identity (write_genre; library training's taxonomy and aliases): case, spaces, hyphens, underscores and dots do not count."""
     return re.sub(r"[\s\-_.]+", "", str(name).casefold())
 
 
@@ -139,16 +139,16 @@ def written_genres(prediction: str, current, added: str = "", replace: bool = Fa
         return [prediction], ""
     own = [str(g) for g in current or () if str(g).strip()]
     if added:
-        stale = [i for i, g in enumerate(own) if _genre_key(g) == _genre_key(added)]
+        stale = [i for i, g in enumerate(own) if genre_key(g) == genre_key(added)]
         if stale:
             del own[stale[0]]
-    same = [g for g in own if _genre_key(g) == _genre_key(prediction)]
-    rest = [g for g in own if _genre_key(g) != _genre_key(prediction)]
+    same = [g for g in own if genre_key(g) == genre_key(prediction)]
+    rest = [g for g in own if genre_key(g) != genre_key(prediction)]
     return ([same[0]] if same else [prediction]) + rest, ("" if same else prediction)
 
 
 def is_stale_genre(value, previous_prediction, genres) -> bool:
     """A flexible ``genre`` attribute on beets 2.14+ that an earlier write_genre wrote: it holds the track's
     previous prediction or a genre of the model in use (beets 2.14 keeps genres in ``genres``)."""
-    key = _genre_key(value or "")
-    return bool(key) and key in {_genre_key(g) for g in [previous_prediction or "", *genres] if g}
+    key = genre_key(value or "")
+    return bool(key) and key in {genre_key(g) for g in [previous_prediction or "", *genres] if g}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import audio
-from ..audio import HOP_LENGTH, WINDOW_FRAMES, WINDOW_SAMPLES
+from ..audio import HOP_LENGTH, WINDOW_FRAMES
 from ..errors import CrnnError
 from ..features import LEVEL_FREE, PARAMS, log_mel
 from .fileid import content_id

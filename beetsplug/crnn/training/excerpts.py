@@ -169,9 +169,6 @@ class ExcerptCache(dataset.MelCache):
             if progress is not None:
                 progress()
 
-    def size(self) -> int:
-        return sum(p.stat().st_size for p in self._entries())
-
     def _entries(self):
         return [p for p in self.folder.glob("*.npz") if re.fullmatch(r"[0-9a-f]{40}\.npz", p.name)]
 

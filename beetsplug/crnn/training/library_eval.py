@@ -10,13 +10,13 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from .. import audio
 from ..errors import CrnnError
 from . import dataset
 from .excerpts import ExcerptCache, decode
+from .metrics import format_score
 from .taxonomy import SOURCE, GenreNames, genre_key, split_genres, split_key
+
 
 def serving_cache(cache, card):
     """``cache`` where it holds what ``card``'s front end hears (the level-free log-mels); for another family's
@@ -62,15 +62,15 @@ def held_out_line(test: dict) -> str:
     """One line of a trained model's scores on its held-out test artists."""
     pk = test["precision_at_k"]
     return (f"held-out test artists ({test['tracks']} tracks): top-1 accuracy {test['accuracy']:.3f}, "
-            f"macro F1 {test['macro']['f1']:.3f}, precision@{pk['k']} {_num(pk['cosine'])} cosine / "
-            f"{_num(pk['genre'])} genre-aware")
+            f"macro F1 {test['macro']['f1']:.3f}, precision@{pk['k']} {format_score(pk['cosine'])} cosine / "
+            f"{format_score(pk['genre'])} genre-aware")
 
 
 def library_info(card) -> dict | None:
     return (card.extra.get("training") or {}).get("library")
 
 
-def held_out(tracks, card, split="test", aliases=None, field=None) -> tuple[list, str]:
+def held_out(tracks, card, split="test", aliases=None) -> tuple[list, str]:
     """The records to evaluate ``card`` on, and a line saying which they are.
 
     For a model trained on a library: its taxonomy, and for ``test`` the tracks by artists it neither
@@ -78,7 +78,6 @@ def held_out(tracks, card, split="test", aliases=None, field=None) -> tuple[list
     genre it knows.
     """
     info = library_info(card)
-    field = field or (info or {}).get("field") or "genre"
     names = GenreNames(aliases)
     keyed = [(t, names.keys(split_genres(t.values))) for t in tracks]
     taxonomy = list(info["genres"]) if info else list(card.genres)
@@ -123,7 +122,7 @@ def format_side_by_side(reports: list[tuple[str, dict]]) -> str:
                 v = get(r)
             except (KeyError, TypeError):
                 v = None
-            cells.append(f"{v:>{c}}" if isinstance(v, str) else f"{_num(v):>{c}}")
+            cells.append(f"{v:>{c}}" if isinstance(v, str) else f"{format_score(v):>{c}}")
         lines.append(f"{title:<{w}}" + "  ".join(cells))
 
     row("genres scored", lambda r: f"{len(r['genres_scored'])} of {len(r['genres_scored']) + len(r['genres_unknown'])}")
@@ -150,7 +149,7 @@ def eval_library(args, tracks, card, others=(), cache_dir=None, aliases=None, qu
     if args.split not in ("test", "val"):
         raise CrnnError(f"--split on a library is test or val, not {args.split!r}")
     n_windows = args.windows or windows
-    records, what = held_out(tracks, card, args.split, aliases, args.field)
+    records, what = held_out(tracks, card, args.split, aliases)
     if len(records) < 2:
         raise CrnnError(f"only {len(records)} of the {len(tracks)} matching tracks are {what} and have a genre "
                         "the model knows: nothing to evaluate")
@@ -196,13 +195,10 @@ def eval_library(args, tracks, card, others=(), cache_dir=None, aliases=None, qu
             out.append(format_report(r, {"cosine": pk["cosine"], "genre": pk["genre"], "k": pk["k"]}))
         else:
             pk = r["precision_at_k"]
-            out.append(f"precision@{pk['k']} cosine: {_num(pk['cosine'])} / genre-aware: {_num(pk['genre'])}")
+            out.append(f"precision@{pk['k']} cosine: {format_score(pk['cosine'])} / genre-aware: {format_score(pk['genre'])}")
     result = {"split": args.split, "tracks": len(records), "artists": n_artists, "which": what,
               "models": {name: r for name, r in reports}, "failed": failed}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n", "utf-8")
     return "\n".join(out), result
 
-
-def _num(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ..rank import DEFAULT_GENRE_WEIGHT, scores
+from ..rank import DEFAULT_GENRE_WEIGHT, norm_text, scores
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -148,7 +148,7 @@ def precision_at_k(
     V = np.asarray(vectors, dtype=np.float64)
     P = np.asarray(probs, dtype=np.float64)
     genres = np.asarray(genres)
-    artist_keys = np.array([" ".join(str(a or "").casefold().split()) for a in artists])
+    artist_keys = np.array([norm_text(a) for a in artists])
     n = V.shape[0]
     if not (P.shape[0] == genres.shape[0] == artist_keys.shape[0] == n):
         raise ValueError("vectors, probs, genres and artists must have the same length")
@@ -205,12 +205,13 @@ def format_report(report: dict, p_at_k: dict | None = None) -> str:
     if p_at_k is not None:
         k = p_at_k.get("k", 5)
         lines.append("")
-        lines.append(f"precision@{k} cosine: {_fmt_plain(p_at_k.get('cosine'))}"
-                     f" / genre-aware: {_fmt_plain(p_at_k.get('genre'))}")
+        lines.append(f"precision@{k} cosine: {format_score(p_at_k.get('cosine'))}"
+                     f" / genre-aware: {format_score(p_at_k.get('genre'))}")
     return "\n".join(lines)
 
 
-def _fmt_plain(x) -> str:
+def format_score(x) -> str:
+    """A score as reports print it: three decimals, n/a when there is none."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return f"{x:.3f}"

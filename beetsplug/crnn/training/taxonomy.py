@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CrnnError
-from ..rank import DEFAULT_VA_NAME, is_compilation
+from ..rank import DEFAULT_VA_NAME, is_compilation, norm_text
+from ..store import genre_key  # noqa: F401  (library_eval and the tests read it here)
 from . import dataset
 
 SOURCE = "library"  # the one labelled set a library is: every taxonomy genre is labelled for every track
@@ -29,11 +29,6 @@ UNLABELLED = "unlabelled:library"  # tracks without a usable genre, taught by th
 # beets' separators for several values in one string field (its multi-value delimiter too)
 SEPARATORS = ("\\␀", "; ", ", ", " / ")
 SHOWN = 5  # genre names shown per left-out reason
-
-
-def genre_key(name: str) -> str:
-    """The identity of a genre string: case, spaces, hyphens, underscores and dots do not count."""
-    return re.sub(r"[\s\-_.]+", "", str(name).casefold())
 
 
 def split_genres(value, separators=SEPARATORS) -> list[str]:
@@ -91,10 +86,6 @@ class GenreNames:
         if not seen:
             return key
         return sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-
-
-def artist_key(name) -> str:
-    return " ".join(str(name or "").casefold().split())
 
 
 def split_artist(artist, albumartist, comp=False, va_name=DEFAULT_VA_NAME) -> tuple[str, bool]:
@@ -237,7 +228,7 @@ def plan(tracks, field="genre", aliases=None, genres=None, min_tracks=30, max_ge
 def split_key(track) -> str:
     """The artist a track is split by, compared normalised; tracks without any artist count as one artist per
     folder (never split across train and test)."""
-    return artist_key(track.artist) or "(no artist) " + os.path.dirname(os.fsdecode(track.path))
+    return norm_text(track.artist) or "(no artist) " + os.path.dirname(os.fsdecode(track.path))
 
 
 def split_artists(pairs, val_fraction=0.1, test_fraction=0.1, seed=0) -> dict:
