@@ -61,6 +61,7 @@ OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
 SOFTWARE.
 """
 GENRE_INPUTS = ("state", "state+conv_mean")
+UNFREEZE = ("none", "head", "gru", "conv4")  # what fine-tuning trains: none (a genre head fitted on the kept network), head, gru, or conv4 and up
 ARCHITECTURE = {"family": FAMILY, "conv_filters": list(CONV_FILTERS), "gru_units": GRU_UNITS, "dropout": 0.1,
                 "gru_dropout": 0.3}
 

@@ -1,4 +1,8 @@
-"""What only training and evaluation import (crnnembed and the searches never do); nothing here imports beets.
+"""What only training and evaluation run; nothing here imports beets (or TensorFlow at import time).
+
+Every ``beet`` start imports the option code of ``beet crnntrain`` and ``beet crnneval`` (``train``,
+``library_train``, ``library_eval`` and what they import: some 40 ms on 2 cores); ``crnnembed`` and the
+searches run none of it.
 
 - ``train``: crnn-train and ``beet crnntrain DATA`` (options, ``run``), built from ``losses``,
   ``sampling`` (the data of a run, an epoch's crops), ``fit`` (the fit loop) and ``card`` (``save_model``)

@@ -39,7 +39,6 @@ STEM_OUTPUT = "drop3"  # the cached layer: (4, 60, 128) per window
 TOP_LAYERS = ("conv4", "bn4", "elu4", "pool4", "drop4", "to_sequence", "gru1", "gru2", "drop_gru", "genres", "tags")
 TRAIN_WINDOWS = 3  # windows per training clip (a 60 s clip: start, middle, end); val: the served 2
 DEFAULT_VERSIONS = ("mp3-64k", "vorbis48", "aac96k")
-UNFREEZE = ("none", "head", "gru", "conv4")
 CACHE_VERSION = 1
 DEFAULT_CACHE = Path(".cache") / "msd"
 
@@ -310,8 +309,8 @@ def set_trainable(top, unfreeze: str) -> None:
     """``head``: the genre head alone, by gradient descent; ``gru``: the GRUs and both heads; ``conv4``: conv4
     too. Batch norms keep the MSD statistics (batches here are small). (``none``: nothing trains by
     gradient; ``fit_probe_head`` fits the genre head.)"""
-    if unfreeze not in UNFREEZE or unfreeze == "none":
-        raise CrnnError(f"--unfreeze must be one of {', '.join(UNFREEZE[1:])} for a gradient run")
+    if unfreeze not in msd.UNFREEZE or unfreeze == "none":
+        raise CrnnError(f"--unfreeze must be one of {', '.join(msd.UNFREEZE[1:])} for a gradient run")
     trainable = {"head": {"genres"}, "gru": {"gru1", "gru2", "genres", "tags", "musicnn"},
                  "conv4": {"conv4", "gru1", "gru2", "genres", "tags", "musicnn"}}[unfreeze]
     for layer in top.layers:
@@ -682,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="stem feature cache folder")
     p.add_argument("--version-cache", default=None, help="codec version cache folder")
     p.add_argument("--versions", default=",".join(DEFAULT_VERSIONS), help="codec versions of the train clips ('' = none)")
-    p.add_argument("--unfreeze", choices=UNFREEZE, default="gru")
+    p.add_argument("--unfreeze", choices=msd.UNFREEZE, default="gru")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better val score")
     p.add_argument("--stop-after", type=int, default=0, help="end this sitting after N epochs (resume later)")

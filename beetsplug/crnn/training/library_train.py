@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import audio
 from ..errors import CrnnError
+from ..msd import UNFREEZE
 from . import dataset
 from .excerpts import ExcerptCache, decode
 from .library_eval import SOURCE, front_cache, held_out_line, score
@@ -47,7 +48,7 @@ def add_library_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max-genres", type=int, default=20, help="at most this many genres, the largest (default 20)")
     g.add_argument("--from-scratch", action="store_true",
                    help="start from random weights instead of fine-tuning the shipped model")
-    g.add_argument("--unfreeze", choices=("none", "head", "gru", "conv4"), default="none",
+    g.add_argument("--unfreeze", choices=UNFREEZE, default="none",
                    help="from a model of the MSD CRNN family (the shipped one): what trains. none (default): the "
                         "network and its embedding stay, a genre head is fitted on them in seconds; gru: the GRUs "
                         "and both heads train for --epochs; conv4: conv4 too")
