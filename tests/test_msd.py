@@ -217,12 +217,14 @@ def tiny_sets(tmp_path_factory):
     return [root / "one", root / "two"]
 
 
-def _run(tiny_sets, released, out, cache=None):
+def _run(tiny_sets, released, out, cache=None, **settings):
+    """A run on the tiny sets with no codec versions; ``settings`` override the gradient run's defaults."""
     from beetsplug.crnn.training import dataset, finetune
 
     records = dataset.read_sources(tiny_sets)
     cache = cache or finetune.FeatureCache(out.parent / "stem-cache", weights=released[0])
-    return finetune.Run(records, cache, out, versions=(), unfreeze="gru", lr=1e-3, batch_size=4, log=lambda m: None)
+    settings = {"unfreeze": "gru", "lr": 1e-3, "batch_size": 4, **settings}
+    return finetune.Run(records, cache, out, versions=(), log=lambda m: None, **settings)
 
 
 def test_teacher_targets_are_computed_once(tiny_sets, released, tmp_path):
@@ -376,11 +378,8 @@ def test_frozen_network_with_a_probe_head(tiny_sets, released, tmp_path):
     from beetsplug.crnn.features import MSD
     from beetsplug.crnn.model import ModelCard, OnnxEmbedder
 
-    from beetsplug.crnn.training import dataset
-
-    records = dataset.read_sources(tiny_sets)
-    cache = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
-    run = finetune.Run(records, cache, tmp_path / "probe", versions=(), unfreeze="none", log=lambda m: None)
+    run = _run(tiny_sets, released, tmp_path / "probe", unfreeze="none")
+    cache = run.cache
     result = finetune.fit_probe_head(run)
     assert result["probe"]["l2"] > 0 and result["probe"]["windows"]["train"] == len(run.train)
     card = run.save(result, "crnn-msd-probe", "test")
@@ -412,13 +411,10 @@ def test_frozen_network_with_a_probe_head(tiny_sets, released, tmp_path):
 
 def test_state_only_genre_head_is_still_a_choice(tiny_sets, released, tmp_path):
     """--genre-input state: the head reads the 32-d state alone (the first shipped MSD model's head)."""
-    from beetsplug.crnn.training import dataset, finetune
+    from beetsplug.crnn.training import finetune
     from beetsplug.crnn.model import ModelCard
 
-    records = dataset.read_sources(tiny_sets)
-    cache = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
-    run = finetune.Run(records, cache, tmp_path / "probe", versions=(), unfreeze="none", log=lambda m: None,
-                       genre_input="state")
+    run = _run(tiny_sets, released, tmp_path / "probe", unfreeze="none", genre_input="state")
     run.save(finetune.fit_probe_head(run), "crnn-msd-probe", "test")
     card = ModelCard.load(tmp_path / "probe")
     assert card.architecture["genre_input"] == "state" and card.onnx["checked"]["max_abs_diff"] <= 1e-4
@@ -430,7 +426,7 @@ def test_state_only_genre_head_is_still_a_choice(tiny_sets, released, tmp_path):
 def test_musicnn_as_a_second_teacher_of_the_state(tiny_sets, released, tmp_path):
     """--musicnn-weight: the state learns musicnn's clean-clip embedding through a linear map that trains
     with the top and is not served; targets come from the teacher cache (here written by the test)."""
-    from beetsplug.crnn.training import dataset, finetune, teacher
+    from beetsplug.crnn.training import dataset, teacher
     from beetsplug.crnn.model import ModelCard, build_for
 
     records = dataset.read_sources(tiny_sets)
@@ -439,9 +435,7 @@ def test_musicnn_as_a_second_teacher_of_the_state(tiny_sets, released, tmp_path)
     fit = [r for r in records if r.split == "train"]
     for r in fit:  # every clip cached: the teacher itself (musicnn) is not needed
         cache.put(r.path, rng.random((3, 50)), rng.normal(0, 1, (3, teacher.EMB_DIMS)), 1.5, 4.0)
-    stem = finetune.FeatureCache(tmp_path / "stem-cache", weights=released[0])
-    run = finetune.Run(records, stem, tmp_path / "run", versions=(), unfreeze="gru", batch_size=4, log=lambda m: None,
-                       musicnn_weight=1.0, teacher_dir=tmp_path / "teacher")
+    run = _run(tiny_sets, released, tmp_path / "run", musicnn_weight=1.0, teacher_dir=tmp_path / "teacher")
     targets, mask = run.musicnn
     assert targets.shape == (len(run.train), teacher.EMB_DIMS)
     assert mask.min() == 1
