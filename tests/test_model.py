@@ -14,7 +14,7 @@ from audiogen import signal, write
 from beetsplug.crnn import audio
 from beetsplug.crnn.training import dataset
 from beetsplug.crnn.errors import CrnnError, ModelError
-from beetsplug.crnn.features import log_mel
+from beetsplug.crnn.features import LEVEL_FREE, log_mel
 from beetsplug.crnn.model import Embedder, ModelCard, default_weights_dir, resolve_precision
 from conftest import ROOT, BeetsEnv
 
@@ -171,11 +171,9 @@ def test_train_smoke_writes_loadable_model(tmp_path):
     assert "top-1 accuracy" in proc.stdout and "precision@1" in proc.stdout
 
 
-def _fixed_input(front=None):
-    """A fixed generated input: one full window of each kind of sound, as ``front`` (the level-free front end
-    unless given; the shipped card's for the shipped model) hears it."""
-    if front is None:
-        return np.stack([log_mel(audio.fit_window(signal(40.0, kind=k, seed=7))) for k in ("tonal", "beat", "silence")])
+def _fixed_input(front=LEVEL_FREE):
+    """A fixed generated input: one full window of each kind of sound, as ``front`` (the shipped card's for the
+    shipped model) hears it."""
     ys = [audio.fit_window(signal(40.0, sr=front.sample_rate, kind=k, seed=7), front.window_samples)
           for k in ("tonal", "beat", "silence")]
     return front.log_mels(np.stack(ys))
