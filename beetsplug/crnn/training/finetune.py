@@ -401,11 +401,9 @@ class Run:
         from . import teacher
 
         cache = teacher.TeacherCache(teacher_dir or teacher.DEFAULT_CACHE)
-        teacher.compute([r.path for r in self.fit_records], cache, log=self.log)
-        have = [cache.has(r.path) for r in self.fit_records]
-        means = np.array([cache.get(r.path)["emb"].mean(0) if ok else np.zeros(teacher.EMB_DIMS)
-                          for r, ok in zip(self.fit_records, have)], np.float32)
-        ok = np.array(have, bool)
+        got = teacher.outputs([r.path for r in self.fit_records], cache, self.log)
+        means = np.array([e["emb"].mean(0) if e is not None else np.zeros(teacher.EMB_DIMS) for e in got], np.float32)
+        ok = np.array([e is not None for e in got], bool)
         if not ok.any():
             raise CrnnError("no training clip has musicnn targets: --musicnn-weight needs the teacher")
         mu, sd = means[ok].mean(0), np.maximum(means[ok].std(0), 1e-6)

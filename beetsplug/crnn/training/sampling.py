@@ -88,8 +88,7 @@ class TrainingData:
             from . import teacher as teacher_mod
 
             tcache = teacher_mod.TeacherCache(teacher_dir)
-            teacher_mod.compute([r.path for r in fit_records], tcache, log=log)
-            self.teacher = [tcache.get(r.path) if tcache.has(r.path) else None for r in fit_records]
+            self.teacher = teacher_mod.outputs([r.path for r in fit_records], tcache, log)
             self.tag_names = teacher_mod.tag_names()
             self.teacher_dim = next((e["emb"].shape[1] for e in self.teacher if e is not None), 0)
             self.log(f"teacher targets for {sum(e is not None for e in self.teacher)} of {len(fit_records)} clips")

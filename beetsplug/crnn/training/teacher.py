@@ -118,6 +118,13 @@ def compute(paths, cache: TeacherCache, log=print, runner=None) -> int:
     return done
 
 
+def outputs(paths, cache: TeacherCache, log=print) -> list:
+    """Each path's teacher outputs (``TeacherCache.get``), what is missing computed first; None for a file
+    the teacher could not read."""
+    compute(paths, cache, log=log)
+    return [cache.get(p) if cache.has(p) else None for p in paths]
+
+
 def crop_targets(entry: dict, start_frame: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean teacher tags and embedding over the teacher windows centred inside a student crop.
 
