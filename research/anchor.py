@@ -619,8 +619,9 @@ def main(argv=None):
                      "like-for-like); probe on Y only: ours only where the model was not trained on X")
     notes.append("5th pct cosine: each analyser's own embedding space, not comparable in scale; same-clip neighbours is")
     notes.append(f"time: one clip at a time; musicnn (1 TF thread) runs every 3 s window of the clip, MSD CRNN "
-                 f"{MSD_WINDOWS} windows of 29 s (and writes its cache), ours {windows} windows of ~32 s (TF default "
-                 "threads); other load on the machine counts")
+                 f"{MSD_WINDOWS} windows of 29 s (and writes its cache), ours {windows} windows of "
+                 f"{card.front.window_samples / card.front.sample_rate:.0f} s (TF default threads); other load on the "
+                 "machine counts")
     if earlier:
         notes.append(f"* measured in an earlier run, when those outputs were computed (kept in {', '.join(sorted(earlier))})")
     for n in notes:

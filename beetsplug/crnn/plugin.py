@@ -24,7 +24,7 @@ class CrnnPlugin(BeetsPlugin):
             {
                 "auto": False,  # embed tracks as they are imported
                 "model": "",  # folder with crnn.json + weights; empty = the shipped model
-                "windows": DEFAULT_WINDOWS,  # analysis windows (~32 s each) per track, one centred in each of as many parts
+                "windows": DEFAULT_WINDOWS,  # analysis windows (the model's length: 29 s for the shipped one) per track, one centred in each of as many parts
                 "workers": 0,  # decoding threads; 0 = number of cores
                 "batch_size": 4,  # windows per Keras CRNN call (on CPU, 16 costs the same per window but ~0.55 GB more RAM); ONNX runs one
                 "precision": "auto",  # Keras runtime's arithmetic: auto = bfloat16 where the CPU has it natively, else float32
