@@ -122,7 +122,8 @@ def is_current(values: dict, model_id: str, mtime: float | None) -> bool:
 
 
 def genre_key(name) -> str:
-    """Genre identity (write_genre; library training's taxonomy and aliases): case, spaces, hyphens, underscores and dots do not count."""
+    """Genre identity (write_genre; library training's taxonomy and aliases): case, spaces, hyphens,
+    underscores and dots do not count."""
     return re.sub(r"[\s\-_.]+", "", str(name).casefold())
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import CrnnError
 from ..rank import DEFAULT_VA_NAME, is_compilation, norm_text
-from ..store import genre_key  # noqa: F401  (library_eval and the tests read it here)
+from ..store import genre_key
 from . import dataset
 
 SOURCE = "library"  # the one labelled set a library is: every taxonomy genre is labelled for every track
